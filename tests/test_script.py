@@ -1,0 +1,133 @@
+"""End to end: the script as a user runs it (subprocesses in a temporary directory)."""
+import glob
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "fixpo_continuous.py")
+TINY = ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4", "--update-epochs", "2",
+        "--fixup-minibatch-size", "64", "--total-timesteps", "256"]  # two policy updates
+TAGS = {
+    "trust_region/kl_max", "trust_region/kl_mean", "fixpo/beta", "fixpo/primary_grad_steps",
+    "fixpo/fixup_grad_steps", "fixpo/fixup_fraction", "fixpo/fixup_fraction_cumulative", "fixpo/fixup_fallbacks",
+    "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
+    "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/explained_variance",
+}
+
+
+def run(args, cwd, timeout=300):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("train")
+    p = run([*TINY, "--seed", "3", "--eps-kl", "0.05", "--save-model", "--eval-episodes", "3"], cwd)
+    assert p.returncode == 0, p.stderr
+    return cwd, p
+
+
+def test_smoke_two_updates_logs_every_tag(trained):
+    cwd, p = trained
+    (run_dir,) = glob.glob(str(cwd / "runs" / "*"))
+    logged = scalars(run_dir)
+    assert TAGS <= set(logged), TAGS - set(logged)
+    assert len(logged["trust_region/kl_max"]) == 2
+    assert max(logged["trust_region/kl_max"]) <= 0.05  # the guarantee, as logged
+    assert logged["fixpo/primary_grad_steps"] == [8, 8]
+    assert len(re.findall(r"^step .*kl_max", p.stdout, re.M)) == 2  # one progress line per update
+
+
+def test_saved_model_evaluation_reproduces_the_return(trained):
+    cwd, p = trained
+    (model,) = glob.glob(str(cwd / "runs" / "*" / "*.fixpo_model"))
+    in_training = float(re.search(r"evaluation: mean (\S+)", p.stdout).group(1))
+    e = run(["--eval-checkpoint", model, "--eval-episodes", "3", "--seed", "3"], cwd)
+    assert e.returncode == 0, e.stderr
+    assert float(re.search(r"^mean (\S+)", e.stdout, re.M).group(1)) == in_training
+    assert not glob.glob(str(cwd / "runs" / "*" / "*.tmp"))
+
+
+def test_evaluation_uses_the_saved_normalisation_statistics(trained):
+    import torch
+
+    cwd, _ = trained
+    (model,) = glob.glob(str(cwd / "runs" / "*" / "*.fixpo_model"))
+    ckpt = torch.load(model)
+    assert ckpt["obs_rms"]["count"] > 256  # updated during training, not the initial statistics
+    assert ckpt["obs_rms"]["mean"].shape == (11,) and ckpt["args"]["env_id"] == "Hopper-v4"
+
+
+BAD = {
+    "unknown env": (["--env-id", "NoSuchEnv-v9"], "unknown env id"),
+    "discrete env": (["--env-id", "CartPole-v1"], "Discrete"),
+    "eps_kl <= 0": (["--eps-kl", "0"], "--eps-kl"),
+    "c_beta < 1": (["--c-beta", "0.5"], "--c-beta"),
+    "indivisible batch": (["--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"], "not divisible"),
+    "too few steps": (["--total-timesteps", "100"], "less than one batch"),
+    "negative beta lr": (["--beta-lr", "-1"], "--beta-lr"),
+    "missing checkpoint": (["--eval-checkpoint", "nowhere.fixpo_model"], "no checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_clear_line(case, tmp_path):
+    args, expected = BAD[case]
+    p = run(args, tmp_path)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], p.stderr
+    assert not os.path.exists(tmp_path / "runs")  # nothing written
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    now = int(time.time())
+    dirs = [tmp_path / "runs" / f"Hopper-v4__fixpo_continuous__1__{t}" for t in range(now, now + 30)]
+    for d in dirs:
+        d.mkdir(parents=True)
+        (d / "keep.txt").write_text("precious")
+    p = run([*TINY], tmp_path)
+    assert p.returncode != 0 and "exists already" in p.stderr and "Traceback" not in p.stderr
+    assert all((d / "keep.txt").read_text() == "precious" and len(os.listdir(d)) == 1 for d in dirs)
+
+
+def test_help_lists_the_fixpo_arguments(tmp_path):
+    p = run(["--help"], tmp_path)
+    assert p.returncode == 0
+    for flag in ("--eps-kl", "--c-beta", "--beta-lr", "--init-beta", "--beta-max", "--fixup-minibatch-size",
+                 "--cuda", "--no-cuda", "--track", "--capture-video", "--save-model", "--eval-checkpoint"):
+        assert flag in p.stdout
+
+
+def test_import_has_no_side_effects(tmp_path):
+    # dependencies first: gymnasium's own import sets PYGAME_HIDE_SUPPORT_PROMPT, which is not ours to judge
+    code = ("import os, sys, gymnasium, torch, tyro; sys.path.insert(0, %r); before = dict(os.environ); "
+            "import fixpo_continuous; "
+            "assert dict(os.environ) == before; print(sorted(os.listdir('.')))" % ROOT)
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
+
+
+def test_capture_video_headless(tmp_path):
+    pytest.importorskip("moviepy")
+    p = run([*TINY, "--capture-video"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    videos = glob.glob(str(tmp_path / "videos" / "*" / "*.mp4"))
+    assert videos and all(os.path.getsize(v) > 0 for v in videos)
