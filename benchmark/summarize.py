@@ -1,0 +1,52 @@
+"""Summarise FixPO runs from their TensorBoard logs: one row per run, then the mean per experiment.
+
+    python benchmark/summarize.py runs/Hopper-v4__fixpo_continuous__*
+
+Final return = mean of the last 20 training episodes; fixup share = fixup / (primary + fixup) gradient
+steps over the run; worst kl_max / eps_kl over all policy updates; SPS as last logged.
+"""
+import argparse
+import os
+import re
+from collections import defaultdict
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def summarize(run_dir):
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    s = lambda tag: np.array([e.value for e in acc.Scalars(tag)]) if tag in acc.Tags()["scalars"] else np.array([])
+    eps_kl = float(re.search(r"\|eps_kl\|([^|]+)\|", acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()).group(1))
+    primary, fixup = s("fixpo/primary_grad_steps").sum(), s("fixpo/fixup_grad_steps").sum()
+    kl_max = s("trust_region/kl_max")
+    return {
+        "run": os.path.basename(run_dir.rstrip("/")),
+        "steps": int(acc.Scalars("charts/SPS")[-1].step),
+        "final_return": s("charts/episodic_return")[-20:].mean(),
+        "sps": s("charts/SPS")[-1],
+        "fixup_share": fixup / max(primary + fixup, 1),
+        "worst_kl_over_eps": kl_max.max() / eps_kl,
+        "updates_in_region": np.mean(kl_max <= eps_kl),
+        "fallbacks": int(s("fixpo/fixup_fallbacks")[-1]) if len(s("fixpo/fixup_fallbacks")) else 0,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+")
+    rows = [summarize(d) for d in parser.parse_args().run_dirs]
+    cols = ["steps", "final_return", "sps", "fixup_share", "worst_kl_over_eps", "updates_in_region", "fallbacks"]
+    print(f"{'run':58s} " + " ".join(f"{c:>17s}" for c in cols))
+    groups = defaultdict(list)
+    for r in rows:
+        print(f"{r['run'][:58]:58s} " + " ".join(f"{r[c]:17.4g}" for c in cols))
+        groups[r["run"].split("__")[0] + "__" + r["run"].split("__")[1]].append(r)
+    for name, rs in groups.items():
+        rets = [r["final_return"] for r in rs]
+        print(f"{name}: {len(rs)} runs, final return {np.mean(rets):.0f} +- {np.std(rets):.0f} "
+              f"(min {min(rets):.0f}, max {max(rets):.0f}), sps {np.mean([r['sps'] for r in rs]):.0f}, "
+              f"fixup share {np.mean([r['fixup_share'] for r in rs]):.4f}, "
+              f"worst kl_max/eps_kl {max(r['worst_kl_over_eps'] for r in rs):.4f}, "
+              f"fallbacks {sum(r['fallbacks'] for r in rs)}")
