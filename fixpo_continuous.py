@@ -109,6 +109,8 @@ class Args:
     """minibatch size of the fixup phase"""
     fixup_max_passes: int = 100
     """fixup passes before the last resort (backtracking toward pi_old)"""
+    fixup_fresh_adam: bool = True
+    """fixup phase with a fresh Adam; --no-fixup-fresh-adam shares the primary phase's Adam and momentum"""
 
     # filled in at runtime
     batch_size: int = 0
@@ -311,29 +313,29 @@ class FixupResult:
     kl_max: float  # max_s KL(s) over the whole batch on exit: <= eps_kl
 
 
-def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size, lr, max_passes):
+def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size, lr, max_passes, optimizer=None):
     """Enforce KL(s) <= eps_kl at every state of the batch; the heart of FixPO.
 
     Repeat: measure KL(s) on the whole batch with the current theta. If every state is within eps_kl,
     return: that check IS the guarantee (it is a full pass that changes nothing). Otherwise pass over
     the minibatches and take one KL-only step (no policy-gradient term) on each that violates.
-    Termination, bounded: a fresh Adam (no primary-phase momentum carrying theta outward), its
-    learning rate halved after any pass that fails to lower max KL, and after `max_passes` the last
-    resort `backtrack_toward_old`, which always succeeds because KL = 0 at theta_old.
+    Termination, bounded: a fresh Adam by default (no primary-phase momentum carrying theta outward;
+    pass `optimizer` to share the primary phase's instead), its learning rate halved after any pass that
+    fails to lower max KL, and after `max_passes` the last resort `backtrack_toward_old`, which always
+    succeeds because KL = 0 at theta_old.
     """
-    actor = agent.actor_parameters()
-    optimizer = torch.optim.Adam(actor, lr=lr, fused=True)
-    steps, passes, best = 0, 0, float("inf")
+    if optimizer is None:
+        optimizer = torch.optim.Adam(agent.actor_parameters(), lr=lr, fused=True)
+    steps, passes, best, scale = 0, 0, float("inf"), 1.0
     while True:
         kl_max = batch_kl(agent, obs, old_params).max().item()
-        if kl_max <= eps_kl:  # NaN never passes this test
-            return FixupResult(steps, passes, False, kl_max)
-        if passes == max_passes:
+        if kl_max <= eps_kl or passes == max_passes:  # NaN never passes the first test
             break
         if not kl_max < best:  # no progress in the last pass: smaller steps (slow progress keeps the rate)
-            for group in optimizer.param_groups:
-                group["lr"] *= 0.5
+            scale *= 0.5
         best = min(best, kl_max)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
         for idx in torch.randperm(len(obs), device=obs.device).split(minibatch_size):
             kl = kl_per_state(old_params[idx], agent.dist_params(obs[idx]))
             if not kl.max() <= eps_kl:
@@ -343,6 +345,10 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
                 beta.step(kl.max())
                 steps += 1
         passes += 1
+    for group in optimizer.param_groups:
+        group["lr"] = lr  # a shared optimizer leaves with the primary phase's rate
+    if kl_max <= eps_kl:
+        return FixupResult(steps, passes, False, kl_max)
     kl_max = backtrack_toward_old(agent, obs, old_params, theta_old, eps_kl)
     return FixupResult(steps, passes, True, kl_max)
 
@@ -403,33 +409,35 @@ def evaluate(checkpoint_path, eval_episodes, seed, deterministic=True, capture_v
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.capture_video:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first gym.make
     try:
         check_args(args)
         if args.eval_checkpoint is not None:
-            if not os.path.isfile(args.eval_checkpoint):
-                raise UsageError(f"no checkpoint at {args.eval_checkpoint!r}")
+            try:
+                torch.load(args.eval_checkpoint, map_location="cpu")["agent"]
+            except Exception as e:
+                raise UsageError(f"cannot read a checkpoint at {args.eval_checkpoint!r} ({type(e).__name__})") from None
             torch.set_num_threads(args.threads)
             rets = evaluate(args.eval_checkpoint, args.eval_episodes, args.seed, args.eval_deterministic, args.capture_video)
             print("episodic returns:", " ".join(f"{r:.2f}" for r in rets))
             print(f"mean {np.mean(rets):.2f} +- {np.std(rets):.2f} over {len(rets)} episodes")
             sys.exit(0)
-        check_env(args.env_id)
-        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        if os.path.exists(f"runs/{run_name}"):
-            raise UsageError(f"runs/{run_name} exists already; not overwriting it")
         if args.track:
             try:
                 import wandb
             except ImportError:
                 raise UsageError("--track needs wandb: pip install wandb") from None
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        if os.path.exists(f"runs/{run_name}"):
+            raise UsageError(f"runs/{run_name} exists already; not overwriting it")
+        check_env(args.env_id)
     except UsageError as e:
         sys.exit(f"error: {e}")
 
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
-    if args.capture_video:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the mujoco import
     if args.track:
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, monitor_gym=True, save_code=True)
@@ -531,7 +539,8 @@ if __name__ == "__main__":
 
             # ---- fixup phase: afterwards KL(s) <= eps_kl at every state of the batch ----
             fix = fixup_phase(agent, b_obs, b_old_params, theta_old, beta, args.eps_kl,
-                              args.fixup_minibatch_size, lr_now, args.fixup_max_passes)
+                              args.fixup_minibatch_size, lr_now, args.fixup_max_passes,
+                              None if args.fixup_fresh_adam else optimizer)
             fixup_steps += fix.grad_steps
             fixup_passes += fix.passes
             fallbacks += fix.fallback
@@ -546,22 +555,25 @@ if __name__ == "__main__":
         sps = int(global_step / (time.time() - start_time))
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
-        writer.add_scalar("trust_region/kl_max", kl.max().item(), global_step)
-        writer.add_scalar("trust_region/kl_mean", kl.mean().item(), global_step)
-        writer.add_scalar("fixpo/beta", float(beta), global_step)
-        writer.add_scalar("fixpo/primary_grad_steps", primary_steps, global_step)
-        writer.add_scalar("fixpo/fixup_grad_steps", fixup_steps, global_step)
-        writer.add_scalar("fixpo/fixup_passes", fixup_passes, global_step)
-        writer.add_scalar("fixpo/fixup_fraction", fixup_steps / (primary_steps + fixup_steps), global_step)
-        writer.add_scalar("fixpo/fixup_fraction_cumulative", total_fixup / (total_primary + total_fixup), global_step)
-        writer.add_scalar("fixpo/fixup_fallbacks", fallbacks, global_step)
-        writer.add_scalar("charts/learning_rate", lr_now, global_step)
-        writer.add_scalar("charts/action_std", agent.actor_logstd.exp().mean().item(), global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-        writer.add_scalar("losses/entropy", entropy.item(), global_step)
-        writer.add_scalar("losses/explained_variance", np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y, global_step)
+        for tag, value in {
+            "trust_region/kl_max": kl.max().item(),  # <= eps_kl: the guarantee, over every state of the batch
+            "trust_region/kl_mean": kl.mean().item(),
+            "fixpo/beta": float(beta),
+            "fixpo/primary_grad_steps": primary_steps,
+            "fixpo/fixup_grad_steps": fixup_steps,
+            "fixpo/fixup_passes": fixup_passes,
+            "fixpo/fixup_fraction": fixup_steps / (primary_steps + fixup_steps),
+            "fixpo/fixup_fraction_cumulative": total_fixup / (total_primary + total_fixup),
+            "fixpo/fixup_fallbacks": fallbacks,  # cumulative; should stay 0
+            "charts/learning_rate": lr_now,
+            "charts/action_std": agent.actor_logstd.exp().mean().item(),
+            "charts/SPS": sps,
+            "losses/value_loss": v_loss.item(),
+            "losses/policy_loss": pg_loss.item(),
+            "losses/entropy": entropy.item(),
+            "losses/explained_variance": np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y,
+        }.items():
+            writer.add_scalar(tag, value, global_step)
         ret = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
         print(f"step {global_step:8d}  sps {sps:5d}  return {ret}  kl_max {kl.max().item():.3f}/{args.eps_kl}  "
               f"beta {float(beta):6.3f}  fixup {fixup_steps:3d}/{primary_steps + fixup_steps}  fallbacks {fallbacks}")

@@ -158,3 +158,17 @@ def test_beta_moves_like_a_lagrange_multiplier_and_stays_clamped():
         beta.step(torch.tensor(0.0))  # far inside -> lower, never below 0
     assert float(beta) == 0.0
     assert math.isfinite(float(beta))
+
+
+def test_shared_primary_optimizer_keeps_the_guarantee_and_its_learning_rate():
+    agent, obs, old_params, theta_old, beta = setup(seed=5)
+    primary = torch.optim.Adam(agent.parameters(), lr=3e-4, eps=1e-5)
+    for _ in range(10):  # give it primary-phase momentum pointing away from theta_old
+        primary.zero_grad()
+        (-agent.dist_params(obs)[:, :ACT_DIM].sum(-1).mean() + agent.get_value(obs).pow(2).mean()).backward()
+        primary.step()
+    perturb_noise(agent, 0.05)
+    result = fc.fixup_phase(agent, obs, old_params, theta_old, beta, 0.5, 256, 3e-4, 100, optimizer=primary)
+    after = independent_gaussian_kl(old_params, agent.dist_params(obs).detach())
+    assert after.max().item() <= 0.5 * (1 + 1e-5) and result.kl_max <= 0.5
+    assert all(g["lr"] == 3e-4 for g in primary.param_groups)

@@ -81,8 +81,15 @@ BAD = {
     "indivisible batch": (["--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"], "not divisible"),
     "too few steps": (["--total-timesteps", "100"], "less than one batch"),
     "negative beta lr": (["--beta-lr", "-1"], "--beta-lr"),
-    "missing checkpoint": (["--eval-checkpoint", "nowhere.fixpo_model"], "no checkpoint"),
+    "missing checkpoint": (["--eval-checkpoint", "nowhere.fixpo_model"], "cannot read a checkpoint"),
+    "corrupt checkpoint": (["--eval-checkpoint", __file__], "cannot read a checkpoint"),
 }
+
+
+try:
+    import wandb  # noqa: F401
+except ImportError:
+    BAD["--track without wandb"] = (["--track"], "needs wandb")
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
