@@ -320,20 +320,22 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
     return: that check IS the guarantee (it is a full pass that changes nothing). Otherwise pass over
     the minibatches and take one KL-only step (no policy-gradient term) on each that violates.
     Termination, bounded: a fresh Adam by default (no primary-phase momentum carrying theta outward;
-    pass `optimizer` to share the primary phase's instead), its learning rate halved after any pass that
-    fails to lower max KL, and after `max_passes` the last resort `backtrack_toward_old`, which always
-    succeeds because KL = 0 at theta_old.
+    pass `optimizer` to share the primary phase's instead), its learning rate halved whenever a pass
+    fails to lower L_KL (the mean KL, which the steps optimise; the max is too noisy to judge progress:
+    one outlier state rising once would halve the rate for nothing), and after `max_passes` the last
+    resort `backtrack_toward_old`, which always succeeds because KL = 0 at theta_old.
     """
     if optimizer is None:
         optimizer = torch.optim.Adam(agent.actor_parameters(), lr=lr, fused=True)
     steps, passes, best, scale = 0, 0, float("inf"), 1.0
     while True:
-        kl_max = batch_kl(agent, obs, old_params).max().item()
+        kl = batch_kl(agent, obs, old_params)
+        kl_max, kl_mean = kl.max().item(), kl.mean().item()
         if kl_max <= eps_kl or passes == max_passes:  # NaN never passes the first test
             break
-        if not kl_max < best:  # no progress in the last pass: smaller steps (slow progress keeps the rate)
+        if not kl_mean < best:  # L_KL on a plateau: smaller steps (slow progress keeps the rate)
             scale *= 0.5
-        best = min(best, kl_max)
+        best = min(best, kl_mean)
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
         for idx in torch.randperm(len(obs), device=obs.device).split(minibatch_size):

@@ -172,3 +172,21 @@ def test_shared_primary_optimizer_keeps_the_guarantee_and_its_learning_rate():
     after = independent_gaussian_kl(old_params, agent.dist_params(obs).detach())
     assert after.max().item() <= 0.5 * (1 + 1e-5) and result.kl_max <= 0.5
     assert all(g["lr"] == 3e-4 for g in primary.param_groups)
+
+
+@pytest.mark.parametrize("minibatch_size", [512, 2048])
+def test_captured_single_violator_instance_converges_without_last_resort(minibatch_size):
+    """Regression, from a real run (Hopper-v4, 32 minibatches, seed 2, step 247808): 1 of 2046 states at
+    KL 0.2044 > 0.2. Judging progress by max KL halved the rate after every pass (one outlier rose once),
+    collapsing it to 1e-30 and ending in the last resort after 100 passes; by L_KL it converges."""
+    import os
+
+    e = torch.load(os.path.join(os.path.dirname(__file__), "data", "fixup_single_violator.pt"))
+    agent = fc.Agent(e["obs"].shape[1], e["old_params"].shape[1] // 2)
+    agent.load_state_dict(e["agent"], strict=False)  # the fixture keeps only the actor
+    beta = fc.Beta(e["beta"], 0.01, e["eps_kl"], 3.0, 100.0)
+    torch.manual_seed(0)
+    result = fc.fixup_phase(agent, e["obs"], e["old_params"], e["theta_old"], beta, e["eps_kl"],
+                            minibatch_size, e["lr"], e["max_passes"])
+    assert not result.fallback and result.passes <= 20
+    assert independent_gaussian_kl(e["old_params"], agent.dist_params(e["obs"]).detach()).max() <= e["eps_kl"] * (1 + 1e-5)
