@@ -138,3 +138,16 @@ def test_capture_video_headless(tmp_path):
     assert p.returncode == 0, p.stderr
     videos = glob.glob(str(tmp_path / "videos" / "*" / "*.mp4"))
     assert videos and all(os.path.getsize(v) > 0 for v in videos)
+
+
+def test_benchmark_summary_reads_the_smoke_run(trained):
+    import importlib.util
+
+    cwd, _ = trained
+    spec = importlib.util.spec_from_file_location("summarize", os.path.join(ROOT, "benchmark", "summarize.py"))
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    (run_dir,) = glob.glob(str(cwd / "runs" / "*"))
+    row = summarize.summarize(run_dir)
+    assert row["steps"] == 256 and row["updates_in_region"] == 1.0 and row["worst_kl_over_eps"] <= 1.0
+    assert 0 <= row["fixup_share"] <= 1 and row["fallbacks"] == 0
