@@ -93,6 +93,8 @@ class Args:
     """value loss coefficient"""
     max_grad_norm: float = 0.5
     """maximum gradient norm of a primary-phase step"""
+    init_log_std: float = -0.5
+    """initial log-std of the Gaussian policy (state-independent)"""
 
     # FixPO
     eps_kl: float = 0.2
@@ -458,7 +460,7 @@ if __name__ == "__main__":
     envs = make_envs(args.env_id, args.num_envs, args.gamma, args.capture_video, run_name)
     envs.action_space.seed(args.seed)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-    agent = Agent(obs_dim, act_dim).to(device)
+    agent = Agent(obs_dim, act_dim, args.init_log_std).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: 3.6x faster steps on CPU
     beta = Beta(args.init_beta, args.beta_lr, args.eps_kl, args.c_beta, args.beta_max, device)
 
