@@ -320,7 +320,7 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
 
     Repeat: measure KL(s) on the whole batch with the current theta. If every state is within eps_kl,
     return: that check IS the guarantee (it is a full pass that changes nothing). Otherwise pass over
-    the minibatches and take one KL-only step (no policy-gradient term) on each that violates.
+    the minibatches and take one step on L_KL (no policy-gradient term) on each that violates.
     Termination, bounded: a fresh Adam by default (no primary-phase momentum carrying theta outward;
     pass `optimizer` to share the primary phase's instead), its learning rate halved whenever a pass
     fails to lower L_KL (the mean KL, which the steps optimise; the max is too noisy to judge progress:
@@ -343,8 +343,10 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
         for idx in torch.randperm(len(obs), device=obs.device).split(minibatch_size):
             kl = kl_per_state(old_params[idx], agent.dist_params(obs[idx]))
             if not kl.max() <= eps_kl:
+                # L_KL alone, as in the paper's Algorithm 1 (no policy-gradient term, and no beta factor:
+                # beta is often clamped at 0 here, which would zero the step; Adam ignores its scale anyway)
                 optimizer.zero_grad()
-                (beta.value.detach() * kl.mean()).backward()  # L_KL only
+                kl.mean().backward()
                 optimizer.step()
                 beta.step(kl.max())
                 steps += 1

@@ -190,3 +190,24 @@ def test_captured_single_violator_instance_converges_without_last_resort(minibat
                             minibatch_size, e["lr"], e["max_passes"])
     assert not result.fallback and result.passes <= 20
     assert independent_gaussian_kl(e["old_params"], agent.dist_params(e["obs"]).detach()).max() <= e["eps_kl"] * (1 + 1e-5)
+
+
+def test_captured_instance_with_beta_pinned_at_zero_converges():
+    """Regression, from a real run (Hopper-v4, c_beta = 1, seed 1, step 49152): the fixup phase began with
+    beta = 0, held there by its Adam's momentum from the primary phase. A step on beta * L_KL then has a
+    zero gradient, the plateau rule halved the rate on every pass, and the run needed the last resort;
+    a step on L_KL alone (the paper's Algorithm 1) converges in a pass or two."""
+    import os
+
+    e = torch.load(os.path.join(os.path.dirname(__file__), "data", "fixup_beta_at_zero.pt"))
+    agent = fc.Agent(e["obs"].shape[1], e["old_params"].shape[1] // 2)
+    agent.load_state_dict(e["agent"], strict=False)
+    beta = fc.Beta(0.5, 0.01, e["eps_kl"], c_beta=1.0, beta_max=100.0)
+    for _ in range(200):  # a primary phase far inside the region drives beta to its clamp at 0, with momentum
+        beta.step(torch.tensor(0.0))
+    assert float(beta) == 0.0
+    torch.manual_seed(0)
+    result = fc.fixup_phase(agent, e["obs"], e["old_params"], e["theta_old"], beta, e["eps_kl"],
+                            e["minibatch_size"], e["lr"], e["max_passes"])
+    assert not result.fallback and result.passes <= 5
+    assert independent_gaussian_kl(e["old_params"], agent.dist_params(e["obs"]).detach()).max() <= e["eps_kl"] * (1 + 1e-5)
