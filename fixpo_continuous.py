@@ -321,8 +321,8 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
     Repeat: measure KL(s) on the whole batch with the current theta. If every state is within eps_kl,
     return: that check IS the guarantee (it is a full pass that changes nothing). Otherwise pass over
     the minibatches and take one step on L_KL (no policy-gradient term) on each that violates.
-    Termination, bounded: a fresh Adam by default (no primary-phase momentum carrying theta outward;
-    pass `optimizer` to share the primary phase's instead), its learning rate halved whenever a pass
+    Termination, bounded: a fresh Adam by default (independent of the primary phase's state; pass
+    `optimizer` to share the primary phase's, as the authors do), its learning rate halved whenever a pass
     fails to lower L_KL (the mean KL, which the steps optimise; the max is too noisy to judge progress:
     one outlier state rising once would halve the rate for nothing), and after `max_passes` the last
     resort `backtrack_toward_old`, which always succeeds because KL = 0 at theta_old.
