@@ -301,7 +301,7 @@ class Beta:
         beta_loss(self.value, kl_max, self.eps_kl, self.c_beta).backward()
         self.optimizer.step()
         with torch.no_grad():
-            self.value.clamp_(0.0, self.beta_max)  # the upper bound keeps the fixup phase's steps bounded
+            self.value.clamp_(0.0, self.beta_max)  # >= 0: a multiplier; <= beta_max: the penalty never swamps L_pi
 
     def __float__(self):
         return self.value.item()
