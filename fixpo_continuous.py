@@ -592,7 +592,7 @@ if __name__ == "__main__":
         for i, r in enumerate(eval_returns):
             writer.add_scalar("eval/episodic_return", r, i)
         print(f"evaluation: mean {np.mean(eval_returns):.2f} over {len(eval_returns)} episodes "
-              f"(reproduce: python {os.path.basename(__file__)} --eval-checkpoint {model_path} --seed {args.seed})")
+              f"(reproduce: python {sys.argv[0]} --eval-checkpoint {model_path} --seed {args.seed})")
 
     envs.close()
     writer.close()

@@ -1,0 +1,201 @@
+"""ablations/ and baselines/: each runs end to end, each diff stays honest, and TRPO's pieces are right."""
+import difflib
+import glob
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fixpo_continuous as fc
+from test_fixup import independent_gaussian_kl, perturb_noise
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ABLATIONS = sorted(glob.glob(os.path.join(ROOT, "ablations", "*.py")))
+BASELINES = sorted(glob.glob(os.path.join(ROOT, "baselines", "*.py")))
+TINY = ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4", "--update-epochs", "2",
+        "--total-timesteps", "256"]  # two policy updates
+COMMON_TAGS = {
+    "trust_region/kl_max", "trust_region/kl_mean", "charts/episodic_return", "charts/episodic_length",
+    "charts/SPS", "charts/learning_rate", "charts/action_std", "losses/value_loss", "losses/policy_loss",
+    "losses/entropy", "losses/explained_variance",
+}
+# An ablation is fixpo_continuous.py with one idea changed. Its header (about 8 changed lines: which
+# ablation, the run and evaluate commands) plus the idea itself (at most about 15) stay under this;
+# a larger diff means the copy has drifted from its parent and no longer isolates the idea.
+MAX_ABLATION_DIFF = 30
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def changed_lines(a, b):
+    with open(a) as fa, open(b) as fb:
+        return sum(line[:1] in "+-" and line[:3] not in ("+++", "---")
+                   for line in difflib.unified_diff(fa.readlines(), fb.readlines(), n=0))
+
+
+def scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_every_ablation_of_the_paper_is_here():
+    names = {os.path.basename(p) for p in ABLATIONS}
+    assert names == {"fixpo_no_fixup.py", "fixpo_mean_kl.py", "fixpo_fixup_last_epoch.py", "fixpo_constant_beta.py"}
+    assert {os.path.basename(p) for p in BASELINES} == {"ppo_continuous.py", "trpo_continuous.py"}
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=os.path.basename)
+def test_ablation_diff_stays_small(path):
+    n = changed_lines(os.path.join(ROOT, "fixpo_continuous.py"), path)
+    assert 0 < n <= MAX_ABLATION_DIFF, f"{n} changed lines"
+
+
+@pytest.mark.parametrize("path", ABLATIONS + BASELINES, ids=os.path.basename)
+def test_shared_helpers_are_identical_to_fixpo(path):
+    """The skeleton (envs, GAE, KL measure, checkpoints) is FixPO's, so results differ only by the algorithm."""
+    module = load(path)
+    for name in ["make_envs", "compute_gae", "kl_per_state", "batch_kl", "make_dist", "value_loss", "evaluate",
+                 "save_checkpoint"]:
+        assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(fc, name)), name
+
+
+@pytest.mark.parametrize("path", ABLATIONS + BASELINES, ids=os.path.basename)
+def test_runs_two_updates_and_logs_the_trust_region(path, tmp_path):
+    p = subprocess.run([sys.executable, path, *TINY, "--seed", "2"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert p.returncode == 0, p.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    logged = scalars(run_dir)
+    assert COMMON_TAGS <= set(logged), COMMON_TAGS - set(logged)
+    assert len(logged["trust_region/kl_max"]) == 2
+    if "ablations" in path:
+        assert {"fixpo/beta", "fixpo/fixup_grad_steps", "fixpo/fixup_fallbacks"} <= set(logged)
+
+
+def test_constant_beta_ablation_never_moves_beta(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "ablations", "fixpo_constant_beta.py"), *TINY,
+                        "--eps-kl", "0.001"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert scalars(run_dir)["fixpo/beta"] == [10.0, 10.0]
+
+
+def test_mean_kl_ablation_bounds_the_mean_but_not_every_state():
+    mean_kl = load(os.path.join(ROOT, "ablations", "fixpo_mean_kl.py"))
+    torch.manual_seed(0)
+    agent = mean_kl.Agent(11, 3)
+    obs = torch.randn(2048, 11) * 2.0
+    with torch.no_grad():
+        old_params = agent.dist_params(obs)
+    theta_old = [p.detach().clone() for p in agent.actor_parameters()]
+    perturb_noise(agent, 0.3)
+    beta = mean_kl.Beta(1.0, 0.01, 0.2, 3.0, 100.0)
+    mean_kl.fixup_phase(agent, obs, old_params, theta_old, beta, 0.2, 256, 3e-4, 50)
+    after = independent_gaussian_kl(old_params, agent.dist_params(obs).detach())
+    assert after.mean() <= 0.2 * (1 + 1e-5)
+    assert after.max() > 0.2  # the ablated guarantee: single states are left outside
+
+
+# ---- TRPO ----
+
+@pytest.fixture(scope="module")
+def trpo():
+    return load(os.path.join(ROOT, "baselines", "trpo_continuous.py"))
+
+
+def test_conjugate_gradient_solves_an_spd_system(trpo):
+    torch.manual_seed(0)
+    q = torch.randn(20, 20, dtype=torch.float64)
+    a = q @ q.T + 0.5 * torch.eye(20, dtype=torch.float64)
+    b = torch.randn(20, dtype=torch.float64)
+    x = trpo.conjugate_gradient(lambda v: a @ v, b, iters=60, tol=1e-20)
+    assert torch.allclose(x, torch.linalg.solve(a, b), rtol=1e-6, atol=1e-8)
+
+
+def test_fisher_vector_product_matches_the_explicit_fisher_matrix(trpo):
+    """For a diagonal Gaussian, the Fisher of (mean, log_std) is diag(1/std^2, 2): F = mean_s J_s^T M_s J_s."""
+    torch.manual_seed(1)
+    agent = trpo.Agent(3, 2).double()
+    obs = torch.randn(16, 3, dtype=torch.float64)
+    with torch.no_grad():
+        agent.actor_mean[-1].weight.mul_(100)  # a non-trivial mean, not the 0.01-scaled init
+        agent.actor_logstd.copy_(torch.tensor([[-0.3, 0.4]]))
+        old_params = agent.dist_params(obs)
+    actor = agent.actor_parameters()
+    n = sum(p.numel() for p in actor)
+    fisher = torch.zeros(n, n, dtype=torch.float64)
+    for s in range(len(obs)):
+        params = agent.dist_params(obs[s:s + 1])[0]
+        jac = torch.stack([trpo.flat_grad(params[i], actor, retain_graph=True) for i in range(len(params))])
+        std2 = params[2:].detach().exp() ** 2
+        metric = torch.diag(torch.cat([1.0 / std2, torch.full((2,), 2.0, dtype=torch.float64)]))
+        fisher += jac.T @ metric @ jac / len(obs)
+    for _ in range(3):
+        v = torch.randn(n, dtype=torch.float64)
+        fvp = trpo.fisher_vector_product(agent, obs, old_params, v, damping=0.0)
+        assert torch.allclose(fvp, fisher @ v, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(trpo.fisher_vector_product(agent, obs, old_params, v, damping=0.1),
+                          fisher @ v + 0.1 * v, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("max_kl", [0.001, 0.01, 0.1])
+def test_every_accepted_trpo_step_keeps_the_mean_kl_bound(trpo, max_kl):
+    for seed in range(4):
+        torch.manual_seed(seed)
+        agent = trpo.Agent(11, 3)
+        obs = torch.randn(1024, 11) * 2.0
+        with torch.no_grad():
+            agent.actor_mean[-1].weight.mul_(50)  # far from init, so the quadratic model is imperfect
+            old_params = agent.dist_params(obs)
+            actions = trpo.make_dist(old_params).sample()
+            old_logprob = trpo.make_dist(old_params).log_prob(actions).sum(-1)
+        advantages = torch.randn(1024)
+        theta_old = torch.cat([p.detach().reshape(-1) for p in agent.actor_parameters()])
+        result = trpo.trpo_step(agent, obs, actions, old_logprob, advantages, old_params, max_kl, damping=0.1,
+                                cg_iters=10, backtrack_coef=0.8, max_backtracks=10)
+        after = independent_gaussian_kl(old_params, agent.dist_params(obs).detach())
+        theta = torch.cat([p.detach().reshape(-1) for p in agent.actor_parameters()])
+        if result.accepted:
+            assert after.mean().item() <= max_kl * (1 + 1e-5)
+            assert result.improvement > 0 and 0 < result.step_frac <= 1
+            assert not torch.equal(theta, theta_old)
+        else:
+            assert torch.equal(theta, theta_old)  # a rejected step leaves pi_old in place
+
+
+def test_trpo_line_search_backtracks_when_the_full_step_is_too_long(trpo):
+    """Without damping the quadratic model's full step overshoots the exact mean KL here: with one try the step
+    is rejected and pi_old kept; with ten, a shorter step is accepted inside the bound."""
+    def attempt(max_backtracks):
+        torch.manual_seed(0)
+        agent = trpo.Agent(11, 3)
+        obs = torch.randn(512, 11)
+        with torch.no_grad():
+            old_params = agent.dist_params(obs)
+            actions = trpo.make_dist(old_params).sample()
+            old_logprob = trpo.make_dist(old_params).log_prob(actions).sum(-1)
+        advantages = actions.sum(-1) - actions.sum(-1).mean()  # a learnable signal
+        before = [p.detach().clone() for p in agent.actor_parameters()]
+        result = trpo.trpo_step(agent, obs, actions, old_logprob, advantages, old_params, 0.05, damping=0.0,
+                                cg_iters=10, backtrack_coef=0.8, max_backtracks=max_backtracks)
+        after = independent_gaussian_kl(old_params, agent.dist_params(obs).detach())
+        unchanged = all(torch.equal(p, q) for p, q in zip(agent.actor_parameters(), before))
+        return result, after.mean().item(), unchanged
+
+    result, kl_mean, unchanged = attempt(max_backtracks=1)
+    assert not result.accepted and unchanged and kl_mean == 0.0
+    result, kl_mean, unchanged = attempt(max_backtracks=10)
+    assert result.accepted and result.backtracks >= 1 and not unchanged
+    assert kl_mean <= 0.05 * (1 + 1e-5)
