@@ -1,0 +1,127 @@
+"""Run a grid of scripts x env ids x seeds, a few processes at a time, resumably; then collect the CSV.
+
+    python benchmark/grid.py quick                 # FixPO, PPO-clip, TRPO on Hopper-v4 (see GRIDS)
+    python benchmark/grid.py paper --jobs 16       # for a larger machine
+    python benchmark/grid.py custom --scripts fixpo_continuous.py baselines/ppo_continuous.py \\
+        --env-ids Hopper-v4 Walker2d-v5 --seeds 1 2 --total-timesteps 300000 --out benchmark/results/mine
+
+Every run is one process with one torch thread (`--threads 1`), started in OUT (so its TensorBoard log is
+OUT/runs/{env_id}__{label}__{seed}__{time}) with stdout/stderr in OUT/logs/{label}__{env_id}__{seed}.*.
+A run that exited 0 gets OUT/logs/....done (holding its run directory) and is skipped next time; a run
+that failed or was killed is started afresh, in a new run directory: nothing written is overwritten.
+At the end, every finished run goes into OUT/scalars.csv (benchmark/collect.py); draw it with
+benchmark/plots.py.
+"""
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from collect import collect  # noqa: E402
+
+FIXPO, PPO, TRPO = "fixpo_continuous.py", "baselines/ppo_continuous.py", "baselines/trpo_continuous.py"
+ABLATIONS = ["ablations/fixpo_no_fixup.py", "ablations/fixpo_mean_kl.py", "ablations/fixpo_fixup_last_epoch.py",
+             "ablations/fixpo_constant_beta.py"]
+MUJOCO6 = ["HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Swimmer-v5", "InvertedDoublePendulum-v5", "Reacher-v5"]
+# label -> (script, extra flags); the label is the run's --exp-name and its name in the plots
+CBETA = {f"fixpo_cbeta{c}": (FIXPO, ["--c-beta", str(c)]) for c in (1, 2, 3, 5, 10)}
+GRIDS = {
+    # FixPO against the baselines on Hopper, 1M steps, 2 seeds: about an hour on 2 cores (README "Results")
+    "quick": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, [])},
+                  env_ids=["Hopper-v4"], seeds=[1, 2], total_timesteps=1000000),
+    # the paper's comparison (Fig. 3-5) plus the c_beta sweep (Fig. 1): needs a many-core machine
+    "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
+                        **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
+                  env_ids=MUJOCO6, seeds=list(range(1, 11)), total_timesteps=3000000),
+}
+
+
+def plan(runs, env_ids, seeds):
+    return [(label, script, flags, env_id, seed) for label, (script, flags) in runs.items()
+            for env_id in env_ids for seed in seeds]
+
+
+def log_base(out, label, env_id, seed):
+    return os.path.join(out, "logs", f"{label}__{env_id}__{seed}")
+
+
+def finished(out, label, env_id, seed):
+    """The run directory of a finished run, or None."""
+    done = log_base(out, label, env_id, seed) + ".done"
+    return open(done).read().strip() if os.path.exists(done) else None
+
+
+def launch(out, label, script, flags, env_id, seed, total_timesteps, python=sys.executable):
+    """One run, blocking. Returns (label, env_id, seed, exit code)."""
+    base = log_base(out, label, env_id, seed)
+    attempt = len(glob.glob(base + ".*.log"))  # earlier failed attempts keep their logs
+    cmd = [python, os.path.join(ROOT, script), "--env-id", env_id, "--seed", str(seed), "--exp-name", label,
+           "--total-timesteps", str(total_timesteps), "--threads", "1", *flags]
+    before = set(glob.glob(os.path.join(out, "runs", f"{env_id}__{label}__{seed}__*")))
+    with open(f"{base}.{attempt}.log", "w") as stdout, open(f"{base}.{attempt}.err", "w") as stderr:
+        code = subprocess.call(cmd, cwd=out, stdout=stdout, stderr=stderr)
+    if code == 0:
+        (run_dir,) = set(glob.glob(os.path.join(out, "runs", f"{env_id}__{label}__{seed}__*"))) - before
+        with open(base + ".done.tmp", "w") as f:
+            f.write(os.path.relpath(run_dir, out) + "\n")
+        os.replace(base + ".done.tmp", base + ".done")
+    return label, env_id, seed, code
+
+
+def run_grid(out, runs, env_ids, seeds, total_timesteps, jobs, python=sys.executable):
+    """Run every unfinished (label, env_id, seed) of the grid, `jobs` at a time; returns the failures."""
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    todo = [r for r in plan(runs, env_ids, seeds) if finished(out, r[0], r[3], r[4]) is None]
+    print(f"{len(plan(runs, env_ids, seeds)) - len(todo)} runs finished already, {len(todo)} to run, {jobs} at a time")
+    start, failures = time.time(), []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(launch, out, label, script, flags, env_id, seed, total_timesteps, python)
+                   for label, script, flags, env_id, seed in todo]
+        for f in futures:
+            label, env_id, seed, code = f.result()
+            print(f"[{(time.time() - start) / 60:6.1f} min] {label} {env_id} seed {seed}: "
+                  f"{'done' if code == 0 else f'FAILED (exit {code}), see {log_base(out, label, env_id, seed)}.*.err'}")
+            if code != 0:
+                failures.append((label, env_id, seed))
+    return failures
+
+
+def collect_finished(out, runs, env_ids, seeds):
+    run_dirs = [os.path.join(out, d) for r in plan(runs, env_ids, seeds) if (d := finished(out, r[0], r[3], r[4]))]
+    if run_dirs:
+        rows = collect(run_dirs, os.path.join(out, "scalars.csv"))
+        print(f"{rows} rows from {len(run_dirs)} finished runs -> {os.path.join(out, 'scalars.csv')}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", choices=[*GRIDS, "custom"])
+    parser.add_argument("--out", help="output folder (default benchmark/results/GRID)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (at most the number of cores)")
+    parser.add_argument("--scripts", nargs="+", help="custom: scripts, relative to the repository root")
+    parser.add_argument("--env-ids", nargs="+", help="custom (or override): env ids")
+    parser.add_argument("--seeds", nargs="+", type=int, help="custom (or override): seeds")
+    parser.add_argument("--total-timesteps", type=int, help="custom (or override): steps per run")
+    cli = parser.parse_args()
+    if cli.grid == "custom":
+        if not (cli.scripts and cli.env_ids and cli.seeds and cli.total_timesteps):
+            parser.error("custom needs --scripts, --env-ids, --seeds and --total-timesteps")
+        grid = dict(runs={os.path.basename(s)[:-3]: (s, []) for s in cli.scripts}, env_ids=cli.env_ids,
+                    seeds=cli.seeds, total_timesteps=cli.total_timesteps)
+    else:
+        grid = dict(GRIDS[cli.grid])
+        for key in ("env_ids", "seeds", "total_timesteps"):
+            if getattr(cli, key) is not None:
+                grid[key] = getattr(cli, key)
+    missing = [s for s, _ in grid["runs"].values() if not os.path.exists(os.path.join(ROOT, s))]
+    if missing or cli.jobs < 1:
+        sys.exit(f"error: {'no such script: ' + ', '.join(missing) if missing else '--jobs must be >= 1'}")
+    out = os.path.abspath(cli.out or os.path.join(ROOT, "benchmark", "results", cli.grid))
+    failures = run_grid(out, grid["runs"], grid["env_ids"], grid["seeds"], grid["total_timesteps"], cli.jobs)
+    collect_finished(out, grid["runs"], grid["env_ids"], grid["seeds"])
+    sys.exit(1 if failures else 0)

@@ -1,0 +1,175 @@
+"""Draw the benchmark's figures (PNG) from the CSV that collect.py writes.
+
+    python benchmark/plots.py benchmark/results/quick/scalars.csv --out benchmark/results/quick/plots
+
+One line per algorithm (the run's exp_name), one panel per env id: the mean over seeds, with a band of
++- 1.96 standard errors (a normal approximation: with 2-3 seeds read it as a spread, not a test), or
+of the seeds' min to max on the log-scale kl_max figure.
+  returns_vs_steps.png   charts/episodic_return (mean of the last 20 episodes) against env steps (paper Fig. 3, 5)
+  returns_vs_time.png    the same against wall-clock minutes
+  kl_max_over_eps.png    trust_region/kl_max / eps_kl per policy update; above the line at 1 = outside the region
+  fixup_steps.png        fixpo/fixup_grad_steps per policy update (paper Fig. 1; label runs by c_beta)
+  action_std.png         charts/action_std, the policy's mean standard deviation (paper Fig. 4)
+  kl_and_beta.png        trust_region/kl_max and fixpo/beta over a window of consecutive updates of one run
+                         (paper Fig. 2 shows them per gradient step; the scripts log them per update)
+Needs matplotlib: pip install -r benchmark/requirements.txt
+"""
+import argparse
+import csv
+import os
+import warnings
+from collections import defaultdict
+
+import numpy as np
+
+
+def load(csv_path):
+    """{exp_name: {env_id: {seed: {tag: (steps, wall_times, values)}}}}, each array sorted by step."""
+    raw = defaultdict(lambda: defaultdict(list))
+    with open(csv_path, newline="") as f:
+        for r in csv.DictReader(f):
+            raw[(r["exp_name"], r["env_id"], int(r["seed"]))][r["tag"]].append(
+                (int(r["step"]), float(r["wall_time"]), float(r["value"])))
+    data = defaultdict(lambda: defaultdict(dict))
+    for (exp, env, seed), tags in raw.items():
+        data[exp][env][seed] = {t: tuple(np.array(c) for c in zip(*sorted(v, key=lambda x: x[0]))) for t, v in tags.items()}
+    return data
+
+
+def running_mean(values, window=20):
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    c = np.concatenate([[0.0], np.cumsum(values)])
+    i = np.arange(1, len(values) + 1)
+    lo = np.maximum(i - window, 0)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def band(curves, grid, spread="se"):
+    """Mean of several (x, y) curves, each linearly interpolated onto `grid`, with a band: mean +- 1.96
+    standard errors (spread="se"), or the seeds' min to max (spread="minmax", for log scales)."""
+    ys = np.array([np.interp(grid, x, y, left=np.nan, right=np.nan) for x, y in curves])
+    keep = ~np.all(np.isnan(ys), axis=0)  # grid points past every seed's end are dropped
+    grid, ys = grid[keep], ys[:, keep]
+    mean = np.nanmean(ys, axis=0)
+    if spread == "minmax":
+        return grid, mean, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+    n = np.sum(~np.isnan(ys), axis=0)
+    with warnings.catch_warnings():  # a point with one seed has no spread: 0 below, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        se = np.where(n > 1, np.nanstd(ys, axis=0, ddof=1) / np.sqrt(n), 0.0)
+    return grid, mean, mean - 1.96 * se, mean + 1.96 * se
+
+
+def eps_kl_of(run, default):
+    return run["hparams/eps_kl"][2][0] if "hparams/eps_kl" in run else default
+
+
+def panels(plt, data, title):
+    envs = sorted({env for exp in data.values() for env in exp})
+    fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
+    fig.suptitle(title)
+    return fig, dict(zip(envs, axes[0]))
+
+
+def curve_figure(plt, data, tag, title, ylabel, xkind="steps", transform=None, logy=False, hline=None, eps_default=0.2):
+    fig, axes = panels(plt, data, title)
+    drawn = False
+    for exp in sorted(data):
+        for env, ax in axes.items():
+            curves = []
+            for seed, run in sorted(data[exp].get(env, {}).items()):
+                if tag not in run:
+                    continue
+                steps, wall, values = run[tag]
+                if transform is not None:
+                    values = transform(values, run, eps_default)
+                x = steps if xkind == "steps" else (wall - wall[0]) / 60.0
+                curves.append((x, values))
+            if not curves:
+                continue
+            grid = np.linspace(min(c[0].min() for c in curves), max(c[0].max() for c in curves), 200)
+            grid, mean, lo, hi = band(curves, grid, "minmax" if logy else "se")
+            ax.plot(grid, mean, label=f"{exp} ({len(curves)} seeds)")
+            ax.fill_between(grid, lo, hi, alpha=0.2)
+            drawn = True
+    for env, ax in axes.items():
+        ax.set_title(env)
+        ax.set_xlabel("environment steps" if xkind == "steps" else "wall-clock minutes")
+        ax.set_ylabel(ylabel)
+        if logy:
+            ax.set_yscale("log")
+        if hline is not None:
+            ax.axhline(hline, color="k", linestyle="--", linewidth=1)
+        ax.legend(fontsize=8)
+    return fig if drawn else None
+
+
+def kl_beta_figure(plt, data, first_update=20, num_updates=30):
+    """kl_max and beta over consecutive updates of the first seed of each FixPO-like run (those that log beta)."""
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    drawn = False
+    for exp in sorted(data):
+        for env in sorted(data[exp]):
+            seed = min(data[exp][env])
+            run = data[exp][env][seed]
+            if "fixpo/beta" not in run or "trust_region/kl_max" not in run:
+                continue
+            window = slice(first_update, first_update + num_updates)
+            steps, _, kl = run["trust_region/kl_max"]
+            _, _, beta = run["fixpo/beta"]
+            ax1.plot(steps[window], kl[window], marker=".", label=f"{exp} {env} seed {seed}")
+            ax2.plot(steps[window], beta[window], marker=".", label=f"{exp} {env} seed {seed}")
+            ax1.axhline(eps_kl_of(run, 0.2), color="k", linestyle="--", linewidth=1)
+            drawn = True
+    ax1.set_ylabel("kl_max after the update")
+    ax2.set_ylabel("beta")
+    ax2.set_xlabel("environment steps")
+    ax1.legend(fontsize=8)
+    fig.suptitle(f"kl_max and beta over {num_updates} consecutive policy updates (dashed: eps_kl)")
+    return fig if drawn else None
+
+
+def make_plots(csv_path, out_dir, eps_kl=0.2):
+    """Write every figure the data allows into out_dir; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    data = load(csv_path)
+    os.makedirs(out_dir, exist_ok=True)
+    figures = {
+        "returns_vs_steps": curve_figure(plt, data, "charts/episodic_return", "Return", "episodic return (last 20)",
+                                         transform=lambda v, run, e: running_mean(v)),
+        "returns_vs_time": curve_figure(plt, data, "charts/episodic_return", "Return against wall-clock time",
+                                        "episodic return (last 20)", xkind="time",
+                                        transform=lambda v, run, e: running_mean(v)),
+        "kl_max_over_eps": curve_figure(plt, data, "trust_region/kl_max", "kl_max / eps_kl per policy update",
+                                        "kl_max / eps_kl", transform=lambda v, run, e: v / eps_kl_of(run, e),
+                                        logy=True, hline=1.0, eps_default=eps_kl),
+        "fixup_steps": curve_figure(plt, data, "fixpo/fixup_grad_steps", "Fixup gradient steps per policy update",
+                                    "fixup steps"),
+        "action_std": curve_figure(plt, data, "charts/action_std", "Policy action std", "mean action std"),
+        "kl_and_beta": kl_beta_figure(plt, data),
+    }
+    written = []
+    for name, fig in figures.items():
+        if fig is None:
+            continue
+        path = os.path.join(out_dir, name + ".png")
+        fig.tight_layout()
+        fig.savefig(path + ".tmp.png", dpi=100)
+        os.replace(path + ".tmp.png", path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv", help="the CSV written by collect.py")
+    parser.add_argument("--out", required=True, help="folder for the PNGs")
+    parser.add_argument("--eps-kl", type=float, default=0.2, help="the region for runs that log no eps_kl (baselines)")
+    cli = parser.parse_args()
+    for path in make_plots(cli.csv, cli.out, cli.eps_kl):
+        print(path)
