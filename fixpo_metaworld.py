@@ -1,0 +1,701 @@
+"""FixPO (Fixup Policy Optimization) on Meta-World v3: one task (MT1), MT10/MT50 with one beta per task, transfer.
+
+Zentner, Puri, Huang, Sukhatme (2023), "Guaranteed Trust Region Optimization via Two-Phase KL
+Penalization", arXiv 2312.05405. Every policy update ends inside the trust region
+
+    KL(s) = D_KL(pi_old(.|s) || pi(.|s)) <= eps_kl   at EVERY state s of the batch,
+
+using only a KL penalty and a short "fixup" phase:
+  1. primary phase: minibatch steps on L_theta = L_pi + vf_coef * L_VF + beta * L_KL, while the
+     Lagrange multiplier beta steers max_s KL(s) towards eps_kl / c_beta (inside the region);
+  2. fixup phase (`fixup_phase` below): KL-only steps on the minibatches that still violate the
+     region, until one whole pass over the batch finds no violation. That exit test is the guarantee.
+Multi-task (the paper's future work): --per-task-beta tunes one beta_k per task on that task's states only.
+
+Run:       python fixpo_metaworld.py --env-id pick-place-v3   (--benchmark MT10 --per-task-beta; --load-checkpoint M)
+Evaluate:  python fixpo_metaworld.py --eval-checkpoint runs/<run_name>/fixpo_metaworld.fixpo_model
+"""
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import List, Optional
+
+import gymnasium as gym
+import metaworld  # noqa: F401  (registers the Meta-World/* env ids)
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from gymnasium.wrappers import vector as vw
+from torch.distributions import Normal, kl_divergence
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (python, numpy, torch and the environments)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    threads: int = 1
+    """torch CPU threads; 1 is fastest for networks this small"""
+    track: bool = False
+    """if toggled, log to Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "fixpo"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """if toggled, record videos of the first env to `videos/{run_name}` (headless: MUJOCO_GL=egl)"""
+    save_model: bool = False
+    """if toggled, save agent + normalisation statistics to `runs/{run_name}` and evaluate them"""
+    eval_checkpoint: Optional[str] = None
+    """path of a saved model: evaluate it and exit, without training"""
+    eval_episodes: int = 50
+    """goal configurations per task in an evaluation, one episode each (Meta-World has 50 per task)"""
+    eval_deterministic: bool = True
+    """evaluate with the mean action (--no-eval-deterministic samples as in training)"""
+
+    # Algorithm-specific arguments
+    env_id: str = "reach-v3"
+    """the Meta-World v3 task (MT1: its 50 goal configurations, one drawn at every reset); MT10/MT50 = --benchmark"""
+    benchmark: Optional[str] = None
+    """MT10 or MT50: train one policy on all its tasks, with a one-hot task id (then --env-id is unused)"""
+    per_task_beta: bool = False
+    """with --benchmark: one multiplier beta_k per task, tuned on task k's states (default: one shared beta)"""
+    load_checkpoint: Optional[str] = None
+    """start from a model saved by this script (transfer, paper Fig. 7): weights and observation statistics"""
+    total_timesteps: int = 2000000
+    """total environment steps of the experiment"""
+    learning_rate: float = 3e-4
+    """gamma_theta: Adam learning rate of the actor and critic"""
+    num_envs: Optional[int] = None
+    """parallel envs, each with its own goal-sampling stream (default: 10 for one task, one per task of a benchmark)"""
+    num_steps: int = 1000
+    """steps per environment per rollout (batch = num_envs * num_steps; Meta-World episodes last 500 steps)"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0"""
+    gamma: float = 0.99
+    """the discount factor"""
+    gae_lambda: float = 0.95
+    """the lambda of generalised advantage estimation"""
+    num_minibatches: int = 20
+    """minibatches per epoch of the primary phase"""
+    update_epochs: int = 10
+    """epochs per policy-improvement step (a fixup phase follows each)"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    clip_vloss: bool = True
+    """clip the value loss around the rollout's values (as most PPO code does)"""
+    vf_clip_coef: float = 0.2
+    """range of the value clipping (FixPO never clips the policy ratio)"""
+    ent_coef: float = 0.0
+    """entropy bonus coefficient (FixPO needs none)"""
+    vf_coef: float = 0.25
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """maximum gradient norm of a primary-phase step"""
+    init_log_std: float = -0.5
+    """initial log-std of the Gaussian policy (state-independent)"""
+
+    # FixPO
+    eps_kl: float = 0.5
+    """eps_kl: trust-region radius, every state ends with KL(s) <= eps_kl (paper: 0.1-0.5)"""
+    c_beta: float = 3.0
+    """c_beta >= 1: the primary phase aims at max KL ~ eps_kl / c_beta (paper: 3, robust 2-10)"""
+    beta_lr: float = 0.01
+    """gamma_beta: Adam learning rate of beta (paper: 0.001-0.1; 0 keeps beta constant)"""
+    init_beta: float = 1.0
+    """initial KL penalty coefficient beta"""
+    beta_max: float = 100.0
+    """upper bound on beta (part of the fixup phase's termination argument)"""
+    fixup_minibatch_size: int = 5000
+    """minibatch size of the fixup phase"""
+    fixup_max_passes: int = 100
+    """fixup passes before the last resort (backtracking toward pi_old)"""
+    fixup_fresh_adam: bool = True
+    """fixup phase with a fresh Adam; --no-fixup-fresh-adam shares the primary phase's Adam and momentum"""
+
+    # filled in at runtime
+    batch_size: int = 0
+    """the batch size (computed in runtime)"""
+    minibatch_size: int = 0
+    """the minibatch size (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of policy-improvement steps (computed in runtime)"""
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, no traceback."""
+
+
+def check_args(args: Args, num_tasks: int = 1) -> None:
+    rules = [
+        (args.num_envs % num_tasks == 0,
+         f"--num-envs {args.num_envs} is not a multiple of {args.benchmark}'s {num_tasks} tasks"),
+        (args.benchmark is not None or not args.per_task_beta, "--per-task-beta needs --benchmark (one task has one beta)"),
+        (args.eps_kl > 0, f"--eps-kl must be > 0 (got {args.eps_kl})"),
+        (args.c_beta >= 1, f"--c-beta must be >= 1 (got {args.c_beta}); below 1 the primary phase aims outside the region"),
+        (args.beta_lr >= 0, f"--beta-lr must be >= 0 (got {args.beta_lr})"),
+        (0 <= args.init_beta <= args.beta_max, f"need 0 <= --init-beta <= --beta-max (got {args.init_beta}, {args.beta_max})"),
+        (args.learning_rate > 0, f"--learning-rate must be > 0 (got {args.learning_rate})"),
+        (args.num_envs >= 1 and args.num_steps >= 1, "--num-envs and --num-steps must be >= 1"),
+        (args.num_minibatches >= 1 and args.update_epochs >= 1, "--num-minibatches and --update-epochs must be >= 1"),
+        (args.num_envs * args.num_steps % args.num_minibatches == 0,
+         f"batch {args.num_envs}x{args.num_steps}={args.num_envs * args.num_steps} is not divisible by --num-minibatches {args.num_minibatches}"),
+        (args.total_timesteps >= args.num_envs * args.num_steps,
+         f"--total-timesteps {args.total_timesteps} is less than one batch ({args.num_envs * args.num_steps} steps)"),
+        (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "need 0 < --gamma <= 1 and 0 <= --gae-lambda <= 1"),
+        (args.fixup_minibatch_size >= 1 and args.fixup_max_passes >= 1, "--fixup-minibatch-size and --fixup-max-passes must be >= 1"),
+        (args.max_grad_norm > 0 and args.vf_coef >= 0 and args.ent_coef >= 0, "need --max-grad-norm > 0, --vf-coef >= 0, --ent-coef >= 0"),
+        (args.threads >= 1 and 1 <= args.eval_episodes <= 50, "need --threads >= 1 and 1 <= --eval-episodes <= 50"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UsageError(message)
+
+
+BENCHMARKS = {"MT10": list(metaworld.env_dict.MT10_V3), "MT50": list(metaworld.env_dict.MT50_V3)}
+OBS_DIM = 39  # Meta-World's observation; a benchmark appends a one-hot task id after it
+
+
+def check_env(env_id: str, benchmark: Optional[str] = None) -> List[str]:
+    """The run's task names in one-hot order; unknown names are refused before anything is written."""
+    if benchmark not in (None, *BENCHMARKS):
+        raise UsageError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
+    if benchmark is None and env_id not in metaworld.env_dict.ALL_V3_ENVIRONMENTS:
+        raise UsageError(f"unknown Meta-World task {env_id!r}; valid: {', '.join(metaworld.env_dict.ALL_V3_ENVIRONMENTS)}")
+    return BENCHMARKS[benchmark] if benchmark else [env_id]
+
+
+def make_env(task_name, idx, capture_video, run_name, seed):
+    def thunk():
+        # seed= fixes the task's 50 goal configurations; reset(seed=) is ignored by Meta-World, so each env
+        # gets its own goal-sampling stream by reseeding: seed + idx. No passive env checker: it only warns.
+        render = dict(render_mode="rgb_array") if capture_video and idx == 0 else {}
+        env = gym.make("Meta-World/MT1", env_name=task_name, seed=seed, disable_env_checker=True, **render)
+        env.unwrapped.seed(seed + idx)
+        return gym.wrappers.RecordVideo(env, f"videos/{run_name}") if render else env
+
+    return thunk
+
+
+def make_envs(tasks, num_envs, gamma, seed, one_hot=False, capture_video=False, run_name=""):
+    # env i runs task i % len(tasks). NEXT_STEP autoreset: the step after a done is a fake "autoreset" transition.
+    # Meta-World's own RecordEpisodeStatistics is inside each env: returns are the true, unnormalised ones.
+    envs = gym.vector.SyncVectorEnv([make_env(tasks[i % len(tasks)], i, capture_video, run_name, seed)
+                                     for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    envs = vw.ClipAction(envs)
+    envs = vw.NormalizeObservation(envs)  # one statistic shared by all envs: saved with the model
+    envs = vw.TransformObservation(envs, lambda o: np.clip(o, -10, 10))
+    if one_hot:  # appended after normalisation: the task id stays an exact 0/1 code, the statistics stay 39-dim
+        ids = np.eye(len(tasks))[np.arange(num_envs) % len(tasks)]
+        space = gym.spaces.Box(-10.0, 10.0, (OBS_DIM + len(tasks),))
+        envs = vw.TransformObservation(envs, lambda o: np.concatenate([o, ids], axis=1),
+                                       gym.vector.utils.batch_space(space, num_envs), space)
+    envs = vw.NormalizeReward(envs, gamma=gamma)
+    envs = vw.TransformReward(envs, lambda r: np.clip(r, -10, 10))
+    return envs
+
+
+def find_wrapper(envs, cls):
+    # vector wrappers do not forward attributes, so walk the chain
+    while not isinstance(envs, cls):
+        envs = envs.env
+    return envs
+
+
+class SuccessTracker:
+    """Meta-World's per-step success flag -> one flag per episode: it succeeds if the flag fired at ANY step.
+    Call update() after every step: it returns the finished episodes' flags, in np.flatnonzero(dones) order."""
+
+    def __init__(self, num_envs):
+        self.fired, self.autoreset = np.zeros(num_envs, dtype=bool), np.zeros(num_envs, dtype=bool)
+
+    def update(self, success, dones):
+        self.fired |= (np.asarray(success) > 0) & ~self.autoreset  # NEXT_STEP: the autoreset step is no episode's
+        self.autoreset = np.asarray(dones, dtype=bool)
+        ended, self.fired[self.autoreset] = self.fired[self.autoreset], False
+        return ended
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """Separate 128-128 tanh actor and critic (the authors' Meta-World size); Gaussian policy, state-independent log-std."""
+
+    def __init__(self, obs_dim: int, act_dim: int, init_log_std: float = -0.5):
+        super().__init__()
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 128)), nn.Tanh(),
+            layer_init(nn.Linear(128, 128)), nn.Tanh(),
+            layer_init(nn.Linear(128, 1), std=1.0),
+        )
+        self.actor_mean = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 128)), nn.Tanh(),
+            layer_init(nn.Linear(128, 128)), nn.Tanh(),
+            layer_init(nn.Linear(128, act_dim), std=0.01),
+        )
+        self.actor_logstd = nn.Parameter(torch.full((1, act_dim), init_log_std))
+
+    def get_value(self, x):
+        return self.critic(x).squeeze(-1)
+
+    def dist_params(self, x):
+        """The action distribution's parameters, one row per state: [mean, log_std]."""
+        mean = self.actor_mean(x)
+        return torch.cat([mean, self.actor_logstd.expand_as(mean)], dim=-1)
+
+    def actor_parameters(self) -> List[nn.Parameter]:
+        """theta of the policy: what the fixup phase moves (the critic is separate)."""
+        return list(self.actor_mean.parameters()) + [self.actor_logstd]
+
+
+def make_dist(params):
+    mean, log_std = params.chunk(2, dim=-1)
+    return Normal(mean, log_std.exp(), validate_args=False)  # skip per-call argument checks: hot path
+
+
+def kl_per_state(old_params, new_params):
+    """KL(pi_old(.|s) || pi(.|s)) at every state: old first (TRPO's direction), analytic, summed over action dims."""
+    return kl_divergence(make_dist(old_params), make_dist(new_params)).sum(-1)
+
+
+def batch_kl(agent, obs, old_params, chunk=8192):
+    """KL(s) at every state of the batch, without gradients: the measure the guarantee is stated in."""
+    with torch.no_grad():
+        return torch.cat([kl_per_state(old_params[i:i + chunk], agent.dist_params(obs[i:i + chunk]))
+                          for i in range(0, len(obs), chunk)])
+
+
+def compute_gae(rewards, values, next_value, terminations, dones, valids, gamma, gae_lambda):
+    """Generalised advantage estimation over a (T, N) rollout under NEXT_STEP autoreset.
+
+    At a done step t, obs[t+1] is the real final observation, so V(obs[t+1]) bootstraps a
+    truncation (only `terminations` cut the bootstrap); `dones` stop the recursion at the episode's end.
+    Step t+1 is then the autoreset transition (final obs -> reset obs, action ignored): `valids` = 0
+    gives it zero advantage, and the training loop leaves it out of the batch.
+    """
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(num_steps)):
+        nextvalues = next_value if t == num_steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * (1.0 - terminations[t]) - values[t]
+        lastgaelam = (delta + gamma * gae_lambda * (1.0 - dones[t]) * lastgaelam) * valids[t]
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+def policy_loss(new_logprob, old_logprob, advantages):
+    """L_pi = -mean(ratio * A): importance sampled and NOT clipped; the KL penalty does the limiting."""
+    return -((new_logprob - old_logprob).exp() * advantages).mean()
+
+
+def value_loss(new_value, old_value, returns, clip_coef=None):
+    """L_VF: squared error to the GAE returns, optionally clipped around the rollout's values."""
+    loss = (new_value - returns) ** 2
+    if clip_coef is not None:
+        clipped = old_value + torch.clamp(new_value - old_value, -clip_coef, clip_coef)
+        loss = torch.max(loss, (clipped - returns) ** 2)
+    return 0.5 * loss.mean()
+
+
+def beta_loss(beta, kl_max, eps_kl, c_beta):
+    """L_beta = sum_k beta_k * sg(eps_kl - c_beta * max_{s of group k} KL(s)): raises beta_k while c_beta * max KL
+    > eps_kl on group k's states. kl_max is NaN for a group absent from the minibatch: no gradient for its beta_k.
+    With one group (a shared beta) this is the single-task L_beta = beta * sg(eps_kl - c_beta * max_s KL(s))."""
+    present = ~kl_max.isnan()
+    return (beta[present] * (eps_kl - c_beta * kl_max[present].detach())).sum()
+
+
+class Beta:
+    """KL penalty coefficients beta_k >= 0, one per group of states (one group: a shared beta; per task: beta_k):
+    Lagrange multipliers with their own Adam, clamped to [0, beta_max]."""
+
+    def __init__(self, init_beta, beta_lr, eps_kl, c_beta, beta_max, device="cpu", num_groups=1):
+        self.value = torch.full((num_groups,), float(init_beta), device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.value], lr=beta_lr, fused=True)
+        self.eps_kl, self.c_beta, self.beta_max = eps_kl, c_beta, beta_max
+
+    def step(self, kl, group=None):
+        """One step on L_beta; kl: KL(s) at a minibatch's states, group: each state's beta index (None: all 0)."""
+        group = torch.zeros(len(kl), dtype=torch.long, device=kl.device) if group is None else group
+        kl_max = torch.full_like(self.value, float("nan")).scatter_reduce(0, group, kl.detach(), "amax", include_self=False)
+        self.optimizer.zero_grad()
+        beta_loss(self.value, kl_max, self.eps_kl, self.c_beta).backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.value.clamp_(0.0, self.beta_max)  # >= 0: a multiplier; <= beta_max: the penalty never swamps L_pi
+
+    def __float__(self):
+        return self.value.mean().item()  # per task: the mean over tasks
+
+
+@dataclass
+class FixupResult:
+    grad_steps: int  # KL-only gradient steps taken
+    passes: int  # passes over the batch that found a violation
+    fallback: bool  # the last resort ran
+    kl_max: float  # max_s KL(s) over the whole batch on exit: <= eps_kl
+
+
+def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size, lr, max_passes, optimizer=None,
+                state_group=None):
+    """Enforce KL(s) <= eps_kl at every state of the batch; the heart of FixPO.
+
+    Repeat: measure KL(s) on the whole batch with the current theta. If every state is within eps_kl,
+    return: that check IS the guarantee (it is a full pass that changes nothing). Otherwise pass over
+    the minibatches and take one step on L_KL (no policy-gradient term) on each that violates.
+    Termination, bounded: a fresh Adam by default (independent of the primary phase's state; pass
+    `optimizer` to share the primary phase's, as the authors do), its learning rate halved whenever a pass
+    fails to lower L_KL (the mean KL, which the steps optimise; the max is too noisy to judge progress:
+    one outlier state rising once would halve the rate for nothing), and after `max_passes` the last
+    resort `backtrack_toward_old`, which always succeeds because KL = 0 at theta_old.
+    Multi-task: the exit test covers every state of every task; `state_group` gives each state's beta_k (None: shared).
+    """
+    if optimizer is None:
+        optimizer = torch.optim.Adam(agent.actor_parameters(), lr=lr, fused=True)
+    steps, passes, best, scale = 0, 0, float("inf"), 1.0
+    while True:
+        kl = batch_kl(agent, obs, old_params)
+        kl_max, kl_mean = kl.max().item(), kl.mean().item()
+        if kl_max <= eps_kl or passes == max_passes:  # NaN never passes the first test
+            break
+        if not kl_mean < best:  # L_KL on a plateau: smaller steps (slow progress keeps the rate)
+            scale *= 0.5
+        best = min(best, kl_mean)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+        for idx in torch.randperm(len(obs), device=obs.device).split(minibatch_size):
+            kl = kl_per_state(old_params[idx], agent.dist_params(obs[idx]))
+            if not kl.max() <= eps_kl:
+                # L_KL alone, as in the paper's Algorithm 1 (no policy-gradient term, and no beta factor:
+                # beta is often clamped at 0 here, which would zero the step; Adam ignores its scale anyway)
+                optimizer.zero_grad()
+                kl.mean().backward()
+                optimizer.step()
+                beta.step(kl, None if state_group is None else state_group[idx])
+                steps += 1
+        passes += 1
+    for group in optimizer.param_groups:
+        group["lr"] = lr  # a shared optimizer leaves with the primary phase's rate
+    if kl_max <= eps_kl:
+        return FixupResult(steps, passes, False, kl_max)
+    kl_max = backtrack_toward_old(agent, obs, old_params, theta_old, eps_kl)
+    return FixupResult(steps, passes, True, kl_max)
+
+
+def backtrack_toward_old(agent, obs, old_params, theta_old, eps_kl, max_halvings=20):
+    """Last resort, always correct: theta <- theta_old + alpha (theta - theta_old), alpha = 1/2, 1/4, ...
+    until every state is within eps_kl; alpha = 0 restores theta_old itself, where KL(s) = 0 exactly."""
+    actor = agent.actor_parameters()
+    theta = [p.detach().clone() for p in actor]
+    for k in range(1, max_halvings + 2):
+        alpha = 0.5 ** k if k <= max_halvings else 0.0
+        with torch.no_grad():
+            for p, new, old in zip(actor, theta, theta_old):
+                p.copy_(old + alpha * (new - old) if alpha > 0 else old)
+        kl_max = batch_kl(agent, obs, old_params).max().item()
+        if kl_max <= eps_kl:
+            return kl_max
+    raise AssertionError("unreachable: KL at theta_old is 0")
+
+
+def save_checkpoint(path, agent, envs, args, global_step):
+    obs_rms = find_wrapper(envs, vw.NormalizeObservation).obs_rms
+    checkpoint = {
+        "agent": agent.state_dict(),
+        "obs_rms": {k: torch.as_tensor(getattr(obs_rms, k)) for k in ("mean", "var", "count")},
+        "args": vars(args),
+        "global_step": global_step,
+    }
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written model
+
+
+def read_checkpoint(path):
+    """A checkpoint saved by this script, or one line saying why not."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu")
+        checkpoint["agent"], checkpoint["obs_rms"], checkpoint["args"]["benchmark"]
+    except Exception as e:
+        raise UsageError(f"cannot read a fixpo_metaworld.py checkpoint at {path!r} ({type(e).__name__}: {e})") from None
+    return checkpoint
+
+
+def transfer_state(checkpoint, tasks, one_hot):
+    """The saved agent's weights for a run on `tasks`: the first layers' 39 observation columns carry over; a task's
+    one-hot column carries over if the saved run had the task, else starts at 0 (a new task begins with the shared
+    part of the saved policy). A single task has no one-hot: its column is folded into the bias."""
+    state, cargs = dict(checkpoint["agent"]), checkpoint["args"]
+    saved = check_env(cargs["env_id"], cargs["benchmark"]) if cargs["benchmark"] else []
+    for layer in ("critic.0", "actor_mean.0"):
+        w = state[f"{layer}.weight"]
+        cols = [w[:, OBS_DIM + saved.index(t)] if t in saved else torch.zeros(len(w)) for t in tasks]
+        if one_hot:
+            state[f"{layer}.weight"] = torch.cat([w[:, :OBS_DIM]] + [c[:, None] for c in cols], dim=1)
+        else:
+            state[f"{layer}.weight"], state[f"{layer}.bias"] = w[:, :OBS_DIM], state[f"{layer}.bias"] + cols[0]
+    return state
+
+
+def evaluate(checkpoint_path, eval_episodes, seed, deterministic=True, capture_video=False, device="cpu"):
+    """Play a saved model once on each of the first `eval_episodes` of every task's 50 goal configurations (those
+    of its training seed), with its frozen observation statistics; returns {task: success flags}, {task: returns}."""
+    checkpoint = torch.load(checkpoint_path, map_location=device)
+    cargs = checkpoint["args"]
+    tasks = check_env(cargs["env_id"], cargs["benchmark"])
+    run_name = f"{os.path.basename(checkpoint_path)}-eval-{int(time.time())}"
+    envs = make_envs(tasks, len(tasks), cargs["gamma"], cargs["seed"], cargs["benchmark"] is not None,
+                     capture_video, run_name)
+    norm = find_wrapper(envs, vw.NormalizeObservation)
+    norm.update_running_mean = False
+    for k, v in checkpoint["obs_rms"].items():
+        setattr(norm.obs_rms, k, v.numpy())
+    agent = Agent(envs.single_observation_space.shape[0], envs.single_action_space.shape[0]).to(device)
+    agent.load_state_dict(checkpoint["agent"])
+    torch.manual_seed(seed)
+    successes, returns = {t: [] for t in tasks}, {t: [] for t in tasks}
+    for goal in range(eval_episodes):
+        for env in envs.unwrapped.envs:  # env i plays goal configuration `goal` of task i, not a random one
+            env.get_wrapper_attr("toggle_sample_tasks_on_reset")(False)
+            env.unwrapped.set_task(env.get_wrapper_attr("tasks")[goal])
+        (obs, _), tracker, done = envs.reset(), SuccessTracker(len(tasks)), np.zeros(len(tasks), dtype=bool)
+        while not done.all():  # no Meta-World episode terminates: they all end together, truncated at step 500
+            with torch.no_grad():
+                params = agent.dist_params(torch.as_tensor(obs, dtype=torch.float32, device=device))
+                action = make_dist(params).mean if deterministic else make_dist(params).sample()
+            obs, _, term, trunc, infos = envs.step(action.cpu().numpy())
+            done = np.logical_or(term, trunc)
+            for i, ok in zip(np.flatnonzero(done), tracker.update(infos.get("success", np.zeros(len(tasks))), done)):
+                successes[tasks[i]].append(bool(ok))
+                returns[tasks[i]].append(float(infos["episode"]["r"][i]))
+    envs.close()
+    return successes, returns
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.capture_video:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first gym.make
+    try:
+        if args.env_id in BENCHMARKS and args.benchmark is None:  # so benchmark/grid.py's --env-id MT10 works
+            args.benchmark = args.env_id
+        tasks = check_env(args.env_id, args.benchmark)
+        args.num_envs = args.num_envs or (10 if len(tasks) == 1 else len(tasks))
+        check_args(args, len(tasks))
+        if args.eval_checkpoint is not None:
+            read_checkpoint(args.eval_checkpoint)
+            torch.set_num_threads(args.threads)
+            successes, rets = evaluate(args.eval_checkpoint, args.eval_episodes, args.seed, args.eval_deterministic,
+                                       args.capture_video)
+            for task in successes:
+                print(f"{task:28s} success rate {np.mean(successes[task]):.3f}  mean return {np.mean(rets[task]):.2f}")
+            print(f"success rate {np.mean(list(successes.values()))} over {args.eval_episodes} goal configurations")
+            sys.exit(0)
+        pretrained = None if args.load_checkpoint is None else read_checkpoint(args.load_checkpoint)
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("--track needs wandb: pip install wandb") from None
+        run_name = f"{args.benchmark or args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        if os.path.exists(f"runs/{run_name}"):
+            raise UsageError(f"runs/{run_name} exists already; not overwriting it")
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    if args.track:
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, monitor_gym=True, save_code=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    K, one_hot = len(tasks), args.benchmark is not None
+    envs = make_envs(tasks, args.num_envs, args.gamma, args.seed, one_hot, args.capture_video, run_name)
+    envs.action_space.seed(args.seed)
+    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    agent = Agent(obs_dim, act_dim, args.init_log_std).to(device)
+    if pretrained is not None:  # transfer: the saved policy, critic and observation statistics; a fresh beta
+        agent.load_state_dict(transfer_state(pretrained, tasks, one_hot))
+        for k, v in pretrained["obs_rms"].items():
+            setattr(find_wrapper(envs, vw.NormalizeObservation).obs_rms, k, v.numpy())
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: 3.6x faster steps on CPU
+    beta = Beta(args.init_beta, args.beta_lr, args.eps_kl, args.c_beta, args.beta_max, device, K if args.per_task_beta else 1)
+
+    # rollout storage, (num_steps, num_envs, ...)
+    T, N = args.num_steps, args.num_envs
+    obs = torch.zeros((T, N, obs_dim), device=device)
+    actions = torch.zeros((T, N, act_dim), device=device)
+    old_params = torch.zeros((T, N, 2 * act_dim), device=device)  # pi_old's mean and log-std at every state
+    logprobs, rewards, values, terms, dones, valids = (torch.zeros((T, N), device=device) for _ in range(6))
+    env_task = np.arange(N) % K  # env i runs task i % K
+    state_task = torch.as_tensor(env_task, device=device).repeat(T)  # the task of every state, flattened as the batch
+
+    global_step, total_primary, total_fixup, fallbacks = 0, 0, 0, 0
+    recent_returns, recent_success, tracker = deque(maxlen=20), deque(maxlen=20), SuccessTracker(N)
+    start_time = time.time()
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+    next_valid = torch.ones(N, device=device)
+
+    for iteration in range(1, args.num_iterations + 1):
+        rollout_success = [[] for _ in tasks]  # this rollout's finished episodes, per task
+        lr_now = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
+        optimizer.param_groups[0]["lr"] = lr_now
+
+        # ---- rollout with pi_old ----
+        for step in range(T):
+            global_step += N
+            obs[step], valids[step] = next_obs, next_valid
+            with torch.no_grad():
+                params = agent.dist_params(next_obs)
+                dist = make_dist(params)
+                action = dist.sample()
+                logprobs[step] = dist.log_prob(action).sum(-1)
+                values[step] = agent.get_value(next_obs)
+            actions[step], old_params[step] = action, params
+            next_obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
+            done = np.logical_or(term, trunc)
+            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            terms[step] = torch.as_tensor(term, dtype=torch.float32, device=device)
+            dones[step] = torch.as_tensor(done, dtype=torch.float32, device=device)
+            next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+            next_valid = torch.as_tensor(~done, dtype=torch.float32, device=device)  # next step is an autoreset
+            # "success" is absent on an autoreset step; "episode" is set (by Meta-World's wrapper) exactly when done
+            for i, ok in zip(np.flatnonzero(done), tracker.update(infos.get("success", np.zeros(N)), done)):
+                rollout_success[env_task[i]].append(ok)
+                recent_success.append(ok)
+                recent_returns.append(float(infos["episode"]["r"][i]))
+                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
+                writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
+
+        with torch.no_grad():
+            advantages, returns = compute_gae(rewards, values, agent.get_value(next_obs), terms, dones, valids,
+                                              args.gamma, args.gae_lambda)
+
+        # the batch D: every real transition (autoreset steps left out)
+        keep = valids.reshape(-1).bool()
+        b_obs, b_actions = obs.reshape(-1, obs_dim)[keep], actions.reshape(-1, act_dim)[keep]
+        b_old_params = old_params.reshape(-1, 2 * act_dim)[keep]
+        b_logprobs, b_advantages = logprobs.reshape(-1)[keep], advantages.reshape(-1)[keep]
+        b_returns, b_values = returns.reshape(-1)[keep], values.reshape(-1)[keep]
+        b_task = state_task[keep]
+        b_group = b_task if args.per_task_beta else torch.zeros_like(b_task)  # each state's beta_k
+        theta_old = [p.detach().clone() for p in agent.actor_parameters()]  # for the last resort
+        primary_steps = fixup_steps = fixup_passes = 0
+
+        for epoch in range(args.update_epochs):
+            # ---- primary phase: L_theta = L_pi + vf_coef L_VF + mean_s beta_task(s) KL(s), then a step on L_beta ----
+            for mb in torch.randperm(len(b_obs), device=device).tensor_split(args.num_minibatches):
+                params = agent.dist_params(b_obs[mb])
+                dist = make_dist(params)
+                newlogprob = dist.log_prob(b_actions[mb]).sum(-1)
+                mb_adv = b_advantages[mb]
+                if args.norm_adv:
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                kl = kl_per_state(b_old_params[mb], params)
+                pg_loss = policy_loss(newlogprob, b_logprobs[mb], mb_adv)
+                v_loss = value_loss(agent.get_value(b_obs[mb]), b_values[mb], b_returns[mb],
+                                    args.vf_clip_coef if args.clip_vloss else None)
+                entropy = dist.entropy().sum(-1).mean()
+                kl_penalty = (beta.value.detach()[b_group[mb]] * kl).mean()  # one group: beta * L_KL
+                loss = pg_loss + args.vf_coef * v_loss + kl_penalty - args.ent_coef * entropy
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+                beta.step(kl, b_group[mb])
+                primary_steps += 1
+
+            # ---- fixup phase: afterwards KL(s) <= eps_kl at every state of the batch, of every task ----
+            fix = fixup_phase(agent, b_obs, b_old_params, theta_old, beta, args.eps_kl,
+                              args.fixup_minibatch_size, lr_now, args.fixup_max_passes,
+                              None if args.fixup_fresh_adam else optimizer, b_group)
+            fixup_steps += fix.grad_steps
+            fixup_passes += fix.passes
+            fallbacks += fix.fallback
+            if fix.fallback:
+                print(f"warning: fixup phase hit {args.fixup_max_passes} passes; backtracked toward pi_old "
+                      f"(kl_max now {fix.kl_max:.4f})")
+
+        # ---- logging: the guarantee, measured over the whole batch ----
+        kl = batch_kl(agent, b_obs, b_old_params)
+        total_primary += primary_steps
+        total_fixup += fixup_steps
+        sps = int(global_step / (time.time() - start_time))
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        finished = [ok for flags in rollout_success for ok in flags]
+        per_task = {f"tasks/success_rate/{t}": np.mean(f) for t, f in zip(tasks, rollout_success) if f and K > 1}
+        if args.per_task_beta:
+            per_task.update({f"tasks/beta/{t}": b for t, b in zip(tasks, beta.value.tolist())})
+        if K > 1:  # each task's own worst state: what a shared beta is driven by, and each beta_k sees
+            per_task.update({f"tasks/kl_max/{t}": kl[b_task == k].max().item() for k, t in enumerate(tasks)
+                             if (b_task == k).any()})
+        if finished:
+            per_task["charts/success_rate"] = np.mean(finished)  # episodes that ended in this rollout
+        for tag, value in {
+            "trust_region/kl_max": kl.max().item(),  # <= eps_kl: the guarantee, over every state of the batch
+            "trust_region/kl_mean": kl.mean().item(),
+            "fixpo/beta": float(beta),
+            "fixpo/primary_grad_steps": primary_steps,
+            "fixpo/fixup_grad_steps": fixup_steps,
+            "fixpo/fixup_passes": fixup_passes,
+            "fixpo/fixup_fraction": fixup_steps / (primary_steps + fixup_steps),
+            "fixpo/fixup_fraction_cumulative": total_fixup / (total_primary + total_fixup),
+            "fixpo/fixup_fallbacks": fallbacks,  # cumulative; should stay 0
+            "charts/learning_rate": lr_now,
+            "charts/action_std": agent.actor_logstd.exp().mean().item(),
+            "charts/SPS": sps,
+            "losses/value_loss": v_loss.item(),
+            "losses/policy_loss": pg_loss.item(),
+            "losses/entropy": entropy.item(),
+            "losses/explained_variance": np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y,
+            **per_task,
+        }.items():
+            writer.add_scalar(tag, value, global_step)
+        ret = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
+        success = f"{np.mean(recent_success):.2f}" if recent_success else " n/a"
+        print(f"step {global_step:8d}  sps {sps:5d}  return {ret}  success {success}  "
+              f"kl_max {kl.max().item():.3f}/{args.eps_kl}  "
+              f"beta {float(beta):6.3f}  fixup {fixup_steps:3d}/{primary_steps + fixup_steps}  fallbacks {fallbacks}")
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.fixpo_model"
+        save_checkpoint(model_path, agent, envs, args, global_step)
+        print(f"model saved to {model_path}")
+        successes, eval_returns = evaluate(model_path, args.eval_episodes, args.seed, args.eval_deterministic, False, device)
+        rate = np.mean(list(successes.values()))  # every task has eval_episodes flags
+        writer.add_scalar("eval/success_rate", rate, global_step)
+        writer.add_scalar("eval/episodic_return", np.mean(list(eval_returns.values())), global_step)
+        for task in successes if K > 1 else []:
+            writer.add_scalar(f"eval/success_rate/{task}", np.mean(successes[task]), global_step)
+        print(f"evaluation: success rate {rate} over {args.eval_episodes} goal configurations of {K} task(s) "
+              f"(reproduce: python {sys.argv[0]} --eval-checkpoint {model_path} --seed {args.seed})")
+
+    envs.close()
+    writer.close()
