@@ -31,7 +31,8 @@ MUJOCO6 = ["HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Swimmer-v5", "Inverted
 # label -> (script, extra flags); the label is the run's --exp-name and its name in the plots
 CBETA = {f"fixpo_cbeta{c}": (FIXPO, ["--c-beta", str(c)]) for c in (1, 2, 3, 5, 10)}
 GRIDS = {
-    # FixPO against the baselines on Hopper, 1M steps, 2 seeds: about an hour on 2 cores (README "Results")
+    # FixPO against the baselines on Hopper, 1M steps, 2 seeds: about 50 min on 2 idle cores, from the single
+    # runs' CPU times in README "Results" (FixPO 11, PPO-clip 30-32, TRPO 9-10 minutes a run)
     "quick": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, [])},
                   env_ids=["Hopper-v4"], seeds=[1, 2], total_timesteps=1000000),
     # the paper's comparison (Fig. 3-5) plus the c_beta sweep (Fig. 1): needs a many-core machine
