@@ -20,7 +20,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -113,12 +113,12 @@ class Args:
     """fixup passes before the last resort (backtracking toward pi_old)"""
     fixup_fresh_adam: bool = True
     """fixup phase with a fresh Adam; --no-fixup-fresh-adam shares the primary phase's Adam and momentum"""
+    trace_updates: Tuple[int, int] = (0, 0)
+    """updates [first, last) to trace (paper Fig. 2): batch max KL and beta after every gradient step, tags trace/*"""
 
     # filled in at runtime
     batch_size: int = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
-    """the minibatch size (computed in runtime)"""
     num_iterations: int = 0
     """the number of policy-improvement steps (computed in runtime)"""
 
@@ -315,7 +315,8 @@ class FixupResult:
     kl_max: float  # max_s KL(s) over the whole batch on exit: <= eps_kl
 
 
-def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size, lr, max_passes, optimizer=None):
+def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size, lr, max_passes, optimizer=None,
+                on_step=None):
     """Enforce KL(s) <= eps_kl at every state of the batch; the heart of FixPO.
 
     Repeat: measure KL(s) on the whole batch with the current theta. If every state is within eps_kl,
@@ -350,6 +351,8 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
                 optimizer.step()
                 beta.step(kl.max())
                 steps += 1
+                if on_step is not None:
+                    on_step(1)
         passes += 1
     for group in optimizer.param_groups:
         group["lr"] = lr  # a shared optimizer leaves with the primary phase's rate
@@ -389,8 +392,11 @@ def save_checkpoint(path, agent, envs, args, global_step):
 
 def evaluate(checkpoint_path, eval_episodes, seed, deterministic=True, capture_video=False, device="cpu"):
     """Play `eval_episodes` episodes of a saved model with its frozen observation statistics; returns the returns."""
-    checkpoint = torch.load(checkpoint_path, map_location=device)
-    env_id = checkpoint["args"]["env_id"]
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location=device)
+        env_id = checkpoint["args"]["env_id"]
+    except Exception as e:
+        raise UsageError(f"cannot read a checkpoint at {checkpoint_path!r} ({type(e).__name__})") from None
     run_name = f"{os.path.basename(checkpoint_path)}-eval-{int(time.time())}"
     envs = make_envs(env_id, 1, checkpoint["args"]["gamma"], capture_video, run_name)
     norm = find_wrapper(envs, vw.NormalizeObservation)
@@ -417,14 +423,10 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.capture_video:
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first gym.make
+    torch.set_num_threads(args.threads)
     try:
         check_args(args)
         if args.eval_checkpoint is not None:
-            try:
-                torch.load(args.eval_checkpoint, map_location="cpu")["agent"]
-            except Exception as e:
-                raise UsageError(f"cannot read a checkpoint at {args.eval_checkpoint!r} ({type(e).__name__})") from None
-            torch.set_num_threads(args.threads)
             rets = evaluate(args.eval_checkpoint, args.eval_episodes, args.seed, args.eval_deterministic, args.capture_video)
             print("episodic returns:", " ".join(f"{r:.2f}" for r in rets))
             print(f"mean {np.mean(rets):.2f} +- {np.std(rets):.2f} over {len(rets)} episodes")
@@ -442,7 +444,6 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
 
     args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.track:
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
@@ -456,7 +457,6 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     envs = make_envs(args.env_id, args.num_envs, args.gamma, args.capture_video, run_name)
@@ -466,19 +466,24 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: 3.6x faster steps on CPU
     beta = Beta(args.init_beta, args.beta_lr, args.eps_kl, args.c_beta, args.beta_max, device)
 
-    # rollout storage, (num_steps, num_envs, ...)
-    T, N = args.num_steps, args.num_envs
-    obs = torch.zeros((T, N, obs_dim), device=device)
-    actions = torch.zeros((T, N, act_dim), device=device)
+    T, N = args.num_steps, args.num_envs  # rollout storage is (num_steps, num_envs, ...)
+    obs, actions = torch.zeros((T, N, obs_dim), device=device), torch.zeros((T, N, act_dim), device=device)
     old_params = torch.zeros((T, N, 2 * act_dim), device=device)  # pi_old's mean and log-std at every state
     logprobs, rewards, values, terms, dones, valids = (torch.zeros((T, N), device=device) for _ in range(6))
 
     global_step, total_primary, total_fixup, fallbacks = 0, 0, 0, 0
     recent_returns = deque(maxlen=20)
     start_time = time.time()
-    next_obs, _ = envs.reset(seed=args.seed)
-    next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+    next_obs = torch.as_tensor(envs.reset(seed=args.seed)[0], dtype=torch.float32, device=device)
     next_valid = torch.ones(N, device=device)
+    trace_steps = [0]  # gradient steps traced so far
+
+    def trace(fixup):  # --trace-updates (paper Fig. 2): the whole batch's max KL and beta after a gradient step
+        if args.trace_updates[0] <= iteration < args.trace_updates[1]:
+            for tag, value in [("kl_max", batch_kl(agent, b_obs, b_old_params).max().item()), ("beta", float(beta)),
+                               ("fixup", fixup), ("epoch", (iteration - 1) * args.update_epochs + epoch)]:
+                writer.add_scalar(f"trace/{tag}", value, trace_steps[0])
+            trace_steps[0] += 1
 
     for iteration in range(1, args.num_iterations + 1):
         lr_now = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
@@ -542,22 +547,19 @@ if __name__ == "__main__":
                 optimizer.step()
                 beta.step(kl.max())
                 primary_steps += 1
+                trace(0)
 
             # ---- fixup phase: afterwards KL(s) <= eps_kl at every state of the batch ----
             fix = fixup_phase(agent, b_obs, b_old_params, theta_old, beta, args.eps_kl,
                               args.fixup_minibatch_size, lr_now, args.fixup_max_passes,
-                              None if args.fixup_fresh_adam else optimizer)
+                              None if args.fixup_fresh_adam else optimizer, on_step=trace)
             fixup_steps += fix.grad_steps
             fixup_passes += fix.passes
-            fallbacks += fix.fallback
-            if fix.fallback:
-                print(f"warning: fixup phase hit {args.fixup_max_passes} passes; backtracked toward pi_old "
-                      f"(kl_max now {fix.kl_max:.4f})")
+            fallbacks += fix.fallback  # the progress line below shows the count
 
         # ---- logging: the guarantee, measured over the whole batch ----
         kl = batch_kl(agent, b_obs, b_old_params)
-        total_primary += primary_steps
-        total_fixup += fixup_steps
+        total_primary, total_fixup = total_primary + primary_steps, total_fixup + fixup_steps
         sps = int(global_step / (time.time() - start_time))
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)

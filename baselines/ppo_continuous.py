@@ -273,8 +273,11 @@ def save_checkpoint(path, agent, envs, args, global_step):
 
 def evaluate(checkpoint_path, eval_episodes, seed, deterministic=True, capture_video=False, device="cpu"):
     """Play `eval_episodes` episodes of a saved model with its frozen observation statistics; returns the returns."""
-    checkpoint = torch.load(checkpoint_path, map_location=device)
-    env_id = checkpoint["args"]["env_id"]
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location=device)
+        env_id = checkpoint["args"]["env_id"]
+    except Exception as e:
+        raise UsageError(f"cannot read a checkpoint at {checkpoint_path!r} ({type(e).__name__})") from None
     run_name = f"{os.path.basename(checkpoint_path)}-eval-{int(time.time())}"
     envs = make_envs(env_id, 1, checkpoint["args"]["gamma"], capture_video, run_name)
     norm = find_wrapper(envs, vw.NormalizeObservation)
@@ -301,14 +304,10 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.capture_video:
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first gym.make
+    torch.set_num_threads(args.threads)
     try:
         check_args(args)
         if args.eval_checkpoint is not None:
-            try:
-                torch.load(args.eval_checkpoint, map_location="cpu")["agent"]
-            except Exception as e:
-                raise UsageError(f"cannot read a checkpoint at {args.eval_checkpoint!r} ({type(e).__name__})") from None
-            torch.set_num_threads(args.threads)
             rets = evaluate(args.eval_checkpoint, args.eval_episodes, args.seed, args.eval_deterministic, args.capture_video)
             print("episodic returns:", " ".join(f"{r:.2f}" for r in rets))
             print(f"mean {np.mean(rets):.2f} +- {np.std(rets):.2f} over {len(rets)} episodes")
@@ -340,7 +339,6 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     envs = make_envs(args.env_id, args.num_envs, args.gamma, args.capture_video, run_name)

@@ -4,8 +4,8 @@
 
 Columns: run, env_id, exp_name, seed, tag, step, wall_time, value. The run directory's name gives the
 first three ({env_id}__{exp_name}__{seed}__{time}, as every script here names it), and exp_name is the
-algorithm's label in the plots. eps_kl is added as a pseudo-tag `hparams/eps_kl` (at step 0) for runs
-that log it, so plots can draw kl_max / eps_kl.
+algorithm's label in the plots. eps_kl and c_beta are added as pseudo-tags `hparams/eps_kl`, `hparams/c_beta`
+(at step 0) for runs that log them, so plots can draw kl_max / eps_kl and the primary phase's target.
 """
 import argparse
 import csv
@@ -32,9 +32,10 @@ def read_run(run_dir):
             rows.append([name, env_id, exp_name, seed, tag, e.step, e.wall_time, e.value])
     if "hyperparameters/text_summary" in acc.Tags()["tensors"]:
         text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
-        found = re.search(r"\|eps_kl\|([^|]+)\|", text)
-        if found:
-            rows.append([name, env_id, exp_name, seed, "hparams/eps_kl", 0, 0.0, float(found.group(1))])
+        for hparam in ("eps_kl", "c_beta"):
+            found = re.search(rf"\|{hparam}\|([^|]+)\|", text)
+            if found:
+                rows.append([name, env_id, exp_name, seed, f"hparams/{hparam}", 0, 0.0, float(found.group(1))])
     return rows
 
 

@@ -1,6 +1,7 @@
 """Run a grid of scripts x env ids x seeds, a few processes at a time, resumably; then collect the CSV.
 
     python benchmark/grid.py quick                 # FixPO, PPO-clip, TRPO on Hopper-v4 (see GRIDS)
+    python benchmark/grid.py cbeta                 # the c_beta sweep and per-gradient-step traces (Fig. 1, 2)
     python benchmark/grid.py paper --jobs 16       # for a larger machine
     python benchmark/grid.py custom --scripts fixpo_continuous.py baselines/ppo_continuous.py \\
         --env-ids Hopper-v4 Walker2d-v5 --seeds 1 2 --total-timesteps 300000 --out benchmark/results/mine
@@ -35,6 +36,10 @@ GRIDS = {
     # runs' CPU times in README "Results" (FixPO 11, PPO-clip 30-32, TRPO 9-10 minutes a run)
     "quick": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, [])},
                   env_ids=["Hopper-v4"], seeds=[1, 2], total_timesteps=1000000),
+    # paper Fig. 1 and 2: fixup steps per update for 5 values of c_beta, each run tracing 2 updates per gradient
+    # step (--trace-updates); 300k steps, one seed: about 20 minutes of CPU in all
+    "cbeta": dict(runs={k: (s, f + ["--trace-updates", "100", "102"]) for k, (s, f) in CBETA.items()},
+                  env_ids=["Hopper-v4"], seeds=[1], total_timesteps=300000),
     # the paper's comparison (Fig. 3-5) plus the c_beta sweep (Fig. 1): needs a many-core machine
     "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
                         **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
@@ -108,12 +113,16 @@ if __name__ == "__main__":
     parser.add_argument("--env-ids", nargs="+", help="custom (or override): env ids")
     parser.add_argument("--seeds", nargs="+", type=int, help="custom (or override): seeds")
     parser.add_argument("--total-timesteps", type=int, help="custom (or override): steps per run")
+    parser.add_argument("--flags", default="", help='custom: extra flags for every run, as --flags="--c-beta 2"')
+    parser.add_argument("--label", help="custom, one script: the runs' label (default: the script's name)")
     cli = parser.parse_args()
     if cli.grid == "custom":
         if not (cli.scripts and cli.env_ids and cli.seeds and cli.total_timesteps):
             parser.error("custom needs --scripts, --env-ids, --seeds and --total-timesteps")
-        grid = dict(runs={os.path.basename(s)[:-3]: (s, []) for s in cli.scripts}, env_ids=cli.env_ids,
-                    seeds=cli.seeds, total_timesteps=cli.total_timesteps)
+        if cli.label and len(cli.scripts) > 1:
+            parser.error("--label names the runs of one script")
+        grid = dict(runs={cli.label or os.path.basename(s)[:-3]: (s, cli.flags.split()) for s in cli.scripts},
+                    env_ids=cli.env_ids, seeds=cli.seeds, total_timesteps=cli.total_timesteps)
     else:
         grid = dict(GRIDS[cli.grid])
         for key in ("env_ids", "seeds", "total_timesteps"):

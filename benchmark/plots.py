@@ -8,10 +8,14 @@ of the seeds' min to max on the log-scale kl_max figure.
   returns_vs_steps.png   charts/episodic_return (mean of the last 20 episodes) against env steps (paper Fig. 3, 5)
   returns_vs_time.png    the same against wall-clock minutes
   kl_max_over_eps.png    trust_region/kl_max / eps_kl per policy update; above the line at 1 = outside the region
-  fixup_steps.png        fixpo/fixup_grad_steps per policy update (paper Fig. 1; label runs by c_beta)
+  fixup_steps.png        fixpo/fixup_grad_steps per policy update, mean of 10 updates (paper Fig. 1: label runs
+                         by c_beta, as grid.py's "cbeta" grid does)
   action_std.png         charts/action_std, the policy's mean standard deviation (paper Fig. 4)
   kl_and_beta.png        trust_region/kl_max and fixpo/beta over a window of consecutive updates of one run
-                         (paper Fig. 2 shows them per gradient step; the scripts log them per update)
+  trace.png              the batch's max KL and beta after every gradient step of the updates a run traced
+                         (`--trace-updates A B`; paper Fig. 2), fixup steps shaded green, one panel per run
+  success_rate.png       charts/success_rate (Meta-World)
+  tasks_success_rate.png tasks/success_rate/* (Meta-World MT10/MT50), one panel per task
 Needs matplotlib: pip install -r benchmark/requirements.txt
 """
 import argparse
@@ -100,7 +104,8 @@ def curve_figure(plt, data, tag, title, ylabel, xkind="steps", transform=None, l
             ax.set_yscale("log")
         if hline is not None:
             ax.axhline(hline, color="k", linestyle="--", linewidth=1)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     return fig if drawn else None
 
 
@@ -129,6 +134,66 @@ def kl_beta_figure(plt, data, first_update=20, num_updates=30):
     return fig if drawn else None
 
 
+def trace_figure(plt, data, max_panels=4):
+    """Paper Fig. 2 from the trace/* tags: kl_max (red) and beta (blue) at every gradient step; green spans are
+    fixup steps, green lines mark epochs whose fixup phase took no step; dashed: eps_kl and eps_kl / c_beta."""
+    traced = [(exp, env, seed, run) for exp in sorted(data) for env in sorted(data[exp])
+              for seed, run in sorted(data[exp][env].items()) if "trace/kl_max" in run][:max_panels]
+    if not traced:
+        return None
+    fig, axes = plt.subplots(len(traced), 1, figsize=(10, 3.2 * len(traced)), squeeze=False)
+    for ax, (exp, env, seed, run) in zip(axes[:, 0], traced):
+        steps, _, kl = run["trace/kl_max"]
+        beta, fixup, epoch = (run[f"trace/{t}"][2] for t in ("beta", "fixup", "epoch"))
+        for i in np.flatnonzero(fixup):
+            ax.axvspan(steps[i] - 0.5, steps[i] + 0.5, color="tab:green", alpha=0.3, linewidth=0)
+        ends = np.flatnonzero(np.diff(epoch) != 0)  # last step of each epoch but the final one
+        for i in [*ends, len(epoch) - 1]:
+            if not fixup[i]:
+                ax.axvline(steps[i] + 0.5, color="tab:green", linewidth=1)
+        eps = eps_kl_of(run, 0.2)
+        c_beta = run["hparams/c_beta"][2][0] if "hparams/c_beta" in run else None
+        ax.plot(steps, kl, color="tab:red", label="max KL over the batch")
+        ax.axhline(eps, color="tab:red", linestyle="--", linewidth=1, label="eps_kl")
+        if c_beta:
+            ax.axhline(eps / c_beta, color="tab:red", linestyle=":", linewidth=1, label="eps_kl / c_beta")
+        ax.set_ylabel("max KL", color="tab:red")
+        ax2 = ax.twinx()
+        ax2.plot(steps, beta, color="tab:blue")
+        ax2.set_ylabel("beta", color="tab:blue")
+        ax.set_title(f"{exp} {env} seed {seed}" + (f", c_beta = {c_beta:g}" if c_beta else "")
+                     + f": {int(np.sum(fixup))} fixup of {len(fixup)} gradient steps in {len(set(epoch))} epochs")
+        ax.legend(fontsize=8, loc="upper left")
+    axes[-1, 0].set_xlabel("gradient step (traced updates only)")
+    return fig
+
+
+def task_figure(plt, data, prefix="tasks/success_rate/"):
+    """One panel per task: its success rate per update, one line per exp (mean over seeds)."""
+    tasks = sorted({t[len(prefix):] for exp in data.values() for env in exp.values() for run in env.values()
+                    for t in run if t.startswith(prefix)})
+    if not tasks:
+        return None
+    cols = min(5, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    for ax, task in zip(axes.flat, tasks):
+        for exp in sorted(data):
+            curves = [(run[prefix + task][0], running_mean(run[prefix + task][2], 10))
+                      for env in data[exp].values() for run in env.values() if prefix + task in run]
+            if curves:
+                grid = np.linspace(min(c[0].min() for c in curves), max(c[0].max() for c in curves), 100)
+                grid, mean, _, _ = band(curves, grid)
+                ax.plot(grid, mean, label=f"{exp} ({len(curves)})")
+        ax.set_title(task, fontsize=9)
+        ax.set_ylim(-0.05, 1.05)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("success rate per task (mean of 10 updates, over seeds) against environment steps")
+    return fig
+
+
 def make_plots(csv_path, out_dir, eps_kl=0.2):
     """Write every figure the data allows into out_dir; returns the paths written."""
     import matplotlib
@@ -148,9 +213,13 @@ def make_plots(csv_path, out_dir, eps_kl=0.2):
                                         "kl_max / eps_kl", transform=lambda v, run, e: v / eps_kl_of(run, e),
                                         logy=True, hline=1.0, eps_default=eps_kl),
         "fixup_steps": curve_figure(plt, data, "fixpo/fixup_grad_steps", "Fixup gradient steps per policy update",
-                                    "fixup steps"),
+                                    "fixup steps (mean of 10 updates)", transform=lambda v, run, e: running_mean(v, 10)),
         "action_std": curve_figure(plt, data, "charts/action_std", "Policy action std", "mean action std"),
         "kl_and_beta": kl_beta_figure(plt, data),
+        "trace": trace_figure(plt, data),
+        "success_rate": curve_figure(plt, data, "charts/success_rate", "Success rate", "success rate (mean of 10 updates)",
+                                     transform=lambda v, run, e: running_mean(v, 10)),
+        "tasks_success_rate": task_figure(plt, data),
     }
     written = []
     for name, fig in figures.items():

@@ -13,12 +13,12 @@ import collect  # noqa: E402
 import grid  # noqa: E402
 
 
-def write_run(runs_dir, env_id, exp_name, seed, eps_kl=None, updates=12):
+def write_run(runs_dir, env_id, exp_name, seed, eps_kl=None, updates=12, trace=False):
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(os.path.join(runs_dir, f"{env_id}__{exp_name}__{seed}__{1000 + seed}"))
     if eps_kl is not None:
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n|eps_kl|{eps_kl}|\n|seed|{seed}|")
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n|eps_kl|{eps_kl}|\n|seed|{seed}|\n|c_beta|3.0|")
     for u in range(1, updates + 1):
         step = 2048 * u
         writer.add_scalar("charts/episodic_return", 100.0 * u + seed, step)
@@ -29,6 +29,14 @@ def write_run(runs_dir, env_id, exp_name, seed, eps_kl=None, updates=12):
         if eps_kl is not None:
             writer.add_scalar("fixpo/beta", 1.0 + 0.1 * u, step)
             writer.add_scalar("fixpo/fixup_grad_steps", u % 3, step)
+            writer.add_scalar("charts/success_rate", u / updates, step)
+            for task in ("reach-v3", "push-v3"):
+                writer.add_scalar(f"tasks/success_rate/{task}", u / updates, step)
+    if trace:  # --trace-updates: 2 epochs of 4 primary steps, the first followed by 2 fixup steps
+        for i, (kl, fixup, epoch) in enumerate([(0.01, 0, 0), (0.05, 0, 0), (0.1, 0, 0), (0.25, 0, 0), (0.21, 1, 0),
+                                                (0.19, 1, 0), (0.0, 0, 1), (0.02, 0, 1), (0.04, 0, 1), (0.06, 0, 1)]):
+            for tag, value in (("kl_max", kl), ("beta", 1.0 + i), ("fixup", fixup), ("epoch", epoch)):
+                writer.add_scalar(f"trace/{tag}", value, i)
     writer.close()
 
 
@@ -36,7 +44,7 @@ def write_run(runs_dir, env_id, exp_name, seed, eps_kl=None, updates=12):
 def synthetic(tmp_path):
     runs = tmp_path / "runs"
     for seed in (1, 2):
-        write_run(str(runs), "Hopper-v4", "fixpo", seed, eps_kl=0.2)
+        write_run(str(runs), "Hopper-v4", "fixpo", seed, eps_kl=0.2, trace=seed == 1)
         write_run(str(runs), "Hopper-v4", "ppo", seed)
     return tmp_path
 
@@ -46,10 +54,11 @@ def test_collect_writes_every_scalar_and_eps_kl(synthetic):
     n = collect.collect(glob.glob(str(synthetic / "runs" / "*")), path)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == n == 2 * (12 * 7 + 1) + 2 * 12 * 5
+    assert len(rows) == n == 2 * (12 * 10 + 2) + 10 * 4 + 2 * 12 * 5
     assert set(rows[0]) == set(collect.COLUMNS)
     fixpo_eps = [r for r in rows if r["exp_name"] == "fixpo" and r["tag"] == "hparams/eps_kl"]
     assert len(fixpo_eps) == 2 and float(fixpo_eps[0]["value"]) == 0.2
+    assert [float(r["value"]) for r in rows if r["tag"] == "hparams/c_beta"] == [3.0, 3.0]
     assert not [r for r in rows if r["exp_name"] == "ppo" and r["tag"] == "hparams/eps_kl"]
     assert {r["seed"] for r in rows} == {"1", "2"} and {r["env_id"] for r in rows} == {"Hopper-v4"}
     assert not os.path.exists(path + ".tmp")
@@ -70,7 +79,7 @@ def test_plots_are_nonempty_pngs(synthetic):
     written = plots.make_plots(path, str(synthetic / "plots"))
     names = {os.path.basename(p) for p in written}
     assert names == {"returns_vs_steps.png", "returns_vs_time.png", "kl_max_over_eps.png", "fixup_steps.png",
-                     "action_std.png", "kl_and_beta.png"}
+                     "action_std.png", "kl_and_beta.png", "trace.png", "success_rate.png", "tasks_success_rate.png"}
     for p in written:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

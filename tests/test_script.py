@@ -37,7 +37,8 @@ def scalars(run_dir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("train")
-    p = run([*TINY, "--seed", "3", "--eps-kl", "0.05", "--save-model", "--eval-episodes", "3"], cwd)
+    p = run([*TINY, "--seed", "3", "--eps-kl", "0.05", "--save-model", "--eval-episodes", "3", "--trace-updates", "2", "3"],
+            cwd)
     assert p.returncode == 0, p.stderr
     return cwd, p
 
@@ -51,6 +52,22 @@ def test_smoke_two_updates_logs_every_tag(trained):
     assert max(logged["trust_region/kl_max"]) <= 0.05  # the guarantee, as logged
     assert logged["fixpo/primary_grad_steps"] == [8, 8]
     assert len(re.findall(r"^step .*kl_max", p.stdout, re.M)) == 2  # one progress line per update
+
+
+def test_trace_logs_every_gradient_step_of_the_traced_update(trained):
+    """--trace-updates 2 3 (paper Fig. 2): update 2 only, every primary and fixup step, and each epoch ends inside."""
+    cwd, p = trained
+    (run_dir,) = glob.glob(str(cwd / "runs" / "*"))
+    logged = scalars(run_dir)
+    kl, beta, fixup, epoch = (logged[f"trace/{t}"] for t in ("kl_max", "beta", "fixup", "epoch"))
+    assert len(kl) == len(beta) == len(fixup) == len(epoch)
+    assert sorted(set(epoch)) == [2, 3]  # the 2 epochs of update 2: (2 - 1) * 2 + {0, 1}
+    assert fixup.count(0) == 8  # 4 minibatches x 2 epochs; the rest are fixup steps
+    for e in (2, 3):
+        steps = [i for i, x in enumerate(epoch) if x == e]
+        assert [fixup[i] for i in steps[:4]] == [0, 0, 0, 0] and all(fixup[i] == 1 for i in steps[4:])
+        assert kl[steps[-1]] <= 0.05  # the epoch's last step leaves every state of the batch inside eps_kl
+    assert all(b >= 0 for b in beta)
 
 
 def test_saved_model_evaluation_reproduces_the_return(trained):
