@@ -5,7 +5,7 @@
 Final return = mean of the last 20 training episodes; fixup share = fixup / (primary + fixup) gradient
 steps over the run, and fixup steps per policy update; worst kl_max / eps_kl over all policy updates and
 the share of updates with kl_max <= eps_kl; SPS as last logged; wall = minutes from the first to the last
-logged event. Runs without an eps_kl (baselines/) are measured against --eps-kl (FixPO's default, 0.2).
+logged event; Meta-World runs add final_success, the success rate over the last 10 rollouts. Runs without an eps_kl (baselines/) are measured against --eps-kl (FixPO's default, 0.2).
 """
 import argparse
 import os
@@ -37,6 +37,8 @@ def summarize(run_dir, default_eps_kl=0.2):
         "worst_kl_over_eps": kl_max.max() / eps_kl,
         "updates_in_region": np.mean(kl_max <= eps_kl),
         "fallbacks": int(s("fixpo/fixup_fallbacks")[-1]) if len(s("fixpo/fixup_fallbacks")) else 0,
+        # Meta-World: success rate of the episodes that ended in the last 10 rollouts (nan elsewhere)
+        "final_success": s("charts/success_rate")[-10:].mean() if len(s("charts/success_rate")) else np.nan,
     }
 
 
@@ -47,7 +49,7 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     rows = [summarize(d, cli.eps_kl) for d in cli.run_dirs]
     cols = ["steps", "wall_min", "final_return", "sps", "fixup_share", "fixup_per_update", "worst_kl_over_eps",
-            "updates_in_region", "fallbacks"]
+            "updates_in_region", "fallbacks"] + (["final_success"] if any(r["final_success"] >= 0 for r in rows) else [])
     print(f"{'run':58s} " + " ".join(f"{c:>17s}" for c in cols))
     groups = defaultdict(list)
     for r in rows:
@@ -62,4 +64,5 @@ if __name__ == "__main__":
               f"updates in region {np.mean([r['updates_in_region'] for r in rs]):.4f}, "
               f"wall {np.mean([r['wall_min'] for r in rs]):.0f} min, "
               f"worst kl_max/eps_kl {max(r['worst_kl_over_eps'] for r in rs):.4f}, "
-              f"fallbacks {sum(r['fallbacks'] for r in rs)}")
+              f"fallbacks {sum(r['fallbacks'] for r in rs)}"
+              + (f", final success {np.mean([r['final_success'] for r in rs]):.2f}" if rs[0]["final_success"] >= 0 else ""))
