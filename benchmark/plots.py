@@ -21,6 +21,7 @@ Needs matplotlib: pip install -r benchmark/requirements.txt
 import argparse
 import csv
 import os
+import re
 import warnings
 from collections import defaultdict
 
@@ -38,6 +39,11 @@ def load(csv_path):
     for (exp, env, seed), tags in raw.items():
         data[exp][env][seed] = {t: tuple(np.array(c) for c in zip(*sorted(v, key=lambda x: x[0]))) for t, v in tags.items()}
     return data
+
+
+def natural(name):
+    """Sort key: fixpo_cbeta2 before fixpo_cbeta10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def running_mean(values, window=20):
@@ -78,7 +84,7 @@ def panels(plt, data, title):
 def curve_figure(plt, data, tag, title, ylabel, xkind="steps", transform=None, logy=False, hline=None, eps_default=0.2):
     fig, axes = panels(plt, data, title)
     drawn = False
-    for exp in sorted(data):
+    for exp in sorted(data, key=natural):
         for env, ax in axes.items():
             curves = []
             for seed, run in sorted(data[exp].get(env, {}).items()):
@@ -134,10 +140,10 @@ def kl_beta_figure(plt, data, first_update=20, num_updates=30):
     return fig if drawn else None
 
 
-def trace_figure(plt, data, max_panels=4):
+def trace_figure(plt, data, max_panels=6):
     """Paper Fig. 2 from the trace/* tags: kl_max (red) and beta (blue) at every gradient step; green spans are
     fixup steps, green lines mark epochs whose fixup phase took no step; dashed: eps_kl and eps_kl / c_beta."""
-    traced = [(exp, env, seed, run) for exp in sorted(data) for env in sorted(data[exp])
+    traced = [(exp, env, seed, run) for exp in sorted(data, key=natural) for env in sorted(data[exp])
               for seed, run in sorted(data[exp][env].items()) if "trace/kl_max" in run][:max_panels]
     if not traced:
         return None
@@ -178,7 +184,7 @@ def task_figure(plt, data, prefix="tasks/success_rate/"):
     rows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
     for ax, task in zip(axes.flat, tasks):
-        for exp in sorted(data):
+        for exp in sorted(data, key=natural):
             curves = [(run[prefix + task][0], running_mean(run[prefix + task][2], 10))
                       for env in data[exp].values() for run in env.values() if prefix + task in run]
             if curves:
