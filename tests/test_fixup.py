@@ -80,7 +80,7 @@ def test_every_state_within_eps_after_fixup(name, eps_kl):
 def test_training_sized_violation_is_fixed_by_gradient_steps_alone():
     """A violation of a few times eps_kl, as a primary phase leaves it: no last resort needed."""
     agent, obs, old_params, theta_old, beta = setup(seed=4)
-    perturb_noise(agent, 0.05)
+    perturb_noise(agent, 0.03)  # std 0.37 (the default init): KL 1-2
     assert 1.0 < independent_gaussian_kl(old_params, agent.dist_params(obs).detach()).max() < 2.0
     result = fc.fixup_phase(agent, obs, old_params, theta_old, beta, 0.5, 256, 3e-4, 100)
     assert not result.fallback and 0 < result.grad_steps <= 50 and result.kl_max <= 0.5
@@ -188,6 +188,26 @@ def test_captured_single_violator_instance_converges_without_last_resort(minibat
     torch.manual_seed(0)
     result = fc.fixup_phase(agent, e["obs"], e["old_params"], e["theta_old"], beta, e["eps_kl"],
                             minibatch_size, e["lr"], e["max_passes"])
+    assert not result.fallback and result.passes <= 20
+    assert independent_gaussian_kl(e["old_params"], agent.dist_params(e["obs"]).detach()).max() <= e["eps_kl"] * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_captured_instance_with_the_mean_kl_at_its_minimum_converges(seed):
+    """Regression, from a real run (Hopper-v4, --init-log-std -1.0, seed 9, step 112640): 3 of 2036 states
+    above eps_kl (max 0.42), mean KL 0.011. Steps on the minibatch's mean KL brought the batch's mean to its
+    minimum within 10 passes while one state stayed at 0.225; a plateau judged by the mean alone then halved
+    the rate every pass, and the run needed the last resort. The excess over eps_kl still fell: counting
+    that as progress converges in a few passes (and the excess alone fails the single-violator instance)."""
+    import os
+
+    e = torch.load(os.path.join(os.path.dirname(__file__), "data", "fixup_mean_at_minimum.pt"))
+    agent = fc.Agent(e["obs"].shape[1], e["old_params"].shape[1] // 2)
+    agent.load_state_dict(e["agent"], strict=False)
+    beta = fc.Beta(e["beta"], 0.01, e["eps_kl"], 3.0, 100.0)
+    torch.manual_seed(seed)
+    result = fc.fixup_phase(agent, e["obs"], e["old_params"], e["theta_old"], beta, e["eps_kl"],
+                            e["minibatch_size"], e["lr"], e["max_passes"])
     assert not result.fallback and result.passes <= 20
     assert independent_gaussian_kl(e["old_params"], agent.dist_params(e["obs"]).detach()).max() <= e["eps_kl"] * (1 + 1e-5)
 
