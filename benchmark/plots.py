@@ -16,6 +16,7 @@ of the seeds' min to max on the log-scale kl_max figure.
                          (`--trace-updates A B`; paper Fig. 2), fixup steps shaded green, one panel per run
   success_rate.png       charts/success_rate (Meta-World)
   tasks_success_rate.png tasks/success_rate/* (Meta-World MT10/MT50), one panel per task
+  tasks_kl_max.png       tasks/kl_max/*: each task's own max KL after every update (shared vs per-task beta)
 Needs matplotlib: pip install -r benchmark/requirements.txt
 """
 import argparse
@@ -174,8 +175,8 @@ def trace_figure(plt, data, max_panels=6):
     return fig
 
 
-def task_figure(plt, data, prefix="tasks/success_rate/"):
-    """One panel per task: its success rate per update, one line per exp (mean over seeds)."""
+def task_figure(plt, data, prefix="tasks/success_rate/", title="success rate", ylim=(-0.05, 1.05)):
+    """One panel per task: its tag `prefix + task` per update (mean of 10), one line per exp (mean over seeds)."""
     tasks = sorted({t[len(prefix):] for exp in data.values() for env in exp.values() for run in env.values()
                     for t in run if t.startswith(prefix)})
     if not tasks:
@@ -192,11 +193,14 @@ def task_figure(plt, data, prefix="tasks/success_rate/"):
                 grid, mean, _, _ = band(curves, grid)
                 ax.plot(grid, mean, label=f"{exp} ({len(curves)})")
         ax.set_title(task, fontsize=9)
-        ax.set_ylim(-0.05, 1.05)
+        ax.locator_params(axis="x", nbins=3)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+        if ylim:
+            ax.set_ylim(*ylim)
     for ax in axes.flat[len(tasks):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("success rate per task (mean of 10 updates, over seeds) against environment steps")
+    fig.suptitle(f"{title}, one panel per task (mean of 10 updates, over seeds), against environment steps")
     return fig
 
 
@@ -226,6 +230,7 @@ def make_plots(csv_path, out_dir, eps_kl=0.2):
         "success_rate": curve_figure(plt, data, "charts/success_rate", "Success rate", "success rate (mean of 10 updates)",
                                      transform=lambda v, run, e: running_mean(v, 10)),
         "tasks_success_rate": task_figure(plt, data),
+        "tasks_kl_max": task_figure(plt, data, "tasks/kl_max/", "max KL over the task's states after each update", None),
     }
     written = []
     for name, fig in figures.items():

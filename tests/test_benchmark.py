@@ -32,6 +32,7 @@ def write_run(runs_dir, env_id, exp_name, seed, eps_kl=None, updates=12, trace=F
             writer.add_scalar("charts/success_rate", u / updates, step)
             for task in ("reach-v3", "push-v3"):
                 writer.add_scalar(f"tasks/success_rate/{task}", u / updates, step)
+                writer.add_scalar(f"tasks/kl_max/{task}", 0.1, step)
     if trace:  # --trace-updates: 2 epochs of 4 primary steps, the first followed by 2 fixup steps
         for i, (kl, fixup, epoch) in enumerate([(0.01, 0, 0), (0.05, 0, 0), (0.1, 0, 0), (0.25, 0, 0), (0.21, 1, 0),
                                                 (0.19, 1, 0), (0.0, 0, 1), (0.02, 0, 1), (0.04, 0, 1), (0.06, 0, 1)]):
@@ -54,7 +55,7 @@ def test_collect_writes_every_scalar_and_eps_kl(synthetic):
     n = collect.collect(glob.glob(str(synthetic / "runs" / "*")), path)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == n == 2 * (12 * 10 + 2) + 10 * 4 + 2 * 12 * 5
+    assert len(rows) == n == 2 * (12 * 12 + 2) + 10 * 4 + 2 * 12 * 5
     assert set(rows[0]) == set(collect.COLUMNS)
     fixpo_eps = [r for r in rows if r["exp_name"] == "fixpo" and r["tag"] == "hparams/eps_kl"]
     assert len(fixpo_eps) == 2 and float(fixpo_eps[0]["value"]) == 0.2
@@ -79,7 +80,8 @@ def test_plots_are_nonempty_pngs(synthetic):
     written = plots.make_plots(path, str(synthetic / "plots"))
     names = {os.path.basename(p) for p in written}
     assert names == {"returns_vs_steps.png", "returns_vs_time.png", "kl_max_over_eps.png", "fixup_steps.png",
-                     "action_std.png", "kl_and_beta.png", "trace.png", "success_rate.png", "tasks_success_rate.png"}
+                     "action_std.png", "kl_and_beta.png", "trace.png", "success_rate.png", "tasks_success_rate.png",
+                     "tasks_kl_max.png"}
     for p in written:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
