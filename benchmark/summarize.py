@@ -6,6 +6,7 @@ Final return = mean of the last 20 training episodes; fixup share = fixup / (pri
 steps over the run, and fixup steps per policy update; worst kl_max / eps_kl over all policy updates and
 the share of updates with kl_max <= eps_kl; SPS as last logged; wall = minutes from the first to the last
 logged event; Meta-World runs add final_success, the success rate over the last 10 rollouts. Runs without an eps_kl (baselines/) are measured against --eps-kl (FixPO's default, 0.2).
+Runs that log no trust_region/kl_max (CleanRL's own scripts, run beside the project) get nan in the KL columns.
 """
 import argparse
 import os
@@ -25,6 +26,7 @@ def summarize(run_dir, default_eps_kl=0.2):
     eps_kl = float(found.group(1)) if found else default_eps_kl
     primary, fixup = s("fixpo/primary_grad_steps").sum(), s("fixpo/fixup_grad_steps").sum()
     kl_max = s("trust_region/kl_max")
+    updates = max(len(kl_max), 1)
     events = acc.Scalars("charts/SPS")
     return {
         "run": os.path.basename(run_dir.rstrip("/")),
@@ -33,9 +35,9 @@ def summarize(run_dir, default_eps_kl=0.2):
         "final_return": s("charts/episodic_return")[-20:].mean(),
         "sps": s("charts/SPS")[-1],
         "fixup_share": fixup / max(primary + fixup, 1),
-        "fixup_per_update": fixup / len(kl_max),
-        "worst_kl_over_eps": kl_max.max() / eps_kl,
-        "updates_in_region": np.mean(kl_max <= eps_kl),
+        "fixup_per_update": fixup / updates,
+        "worst_kl_over_eps": kl_max.max() / eps_kl if len(kl_max) else np.nan,
+        "updates_in_region": np.mean(kl_max <= eps_kl) if len(kl_max) else np.nan,
         "fallbacks": int(s("fixpo/fixup_fallbacks")[-1]) if len(s("fixpo/fixup_fallbacks")) else 0,
         # Meta-World: success rate of the episodes that ended in the last 10 rollouts (nan elsewhere)
         "final_success": s("charts/success_rate")[-10:].mean() if len(s("charts/success_rate")) else np.nan,

@@ -5,6 +5,7 @@ import os
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,3 +148,19 @@ def test_grids_name_existing_scripts():
     for name, g in grid.GRIDS.items():
         for script, _ in g["runs"].values():
             assert os.path.exists(os.path.join(ROOT, script)), (name, script)
+
+
+def test_summarize_reads_a_run_without_trust_region_tags(tmp_path, capsys):
+    """CleanRL's own ppo_continuous_action.py, run beside the project for comparison, logs no KL tags."""
+    import summarize
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = str(tmp_path / "Hopper-v4__ppo_continuous_action__1__1000")
+    writer = SummaryWriter(run_dir)
+    for u in range(1, 31):
+        writer.add_scalar("charts/episodic_return", float(u), 2048 * u)
+        writer.add_scalar("charts/SPS", 800, 2048 * u)
+    writer.close()
+    row = summarize.summarize(run_dir)
+    assert row["final_return"] == sum(range(11, 31)) / 20 and row["steps"] == 2048 * 30
+    assert np.isnan(row["worst_kl_over_eps"]) and np.isnan(row["updates_in_region"]) and row["fixup_share"] == 0
