@@ -9,8 +9,12 @@ algorithm's label in the plots. eps_kl and c_beta are added as pseudo-tags `hpar
 """
 import argparse
 import csv
+import gzip
 import os
 import re
+from collections import defaultdict
+
+import numpy as np
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -51,6 +55,65 @@ def collect(run_dirs, csv_path):
             n += len(rows)
     os.replace(csv_path + ".tmp", csv_path)
     return n
+
+
+def concat_scalars(paths, csv_path):
+    """One CSV from several of grid.py's kept per-run files (gzipped, same columns); returns the number of rows."""
+    n = 0
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for path in sorted(paths):
+            with gzip.open(path, "rt", newline="") as g:
+                reader = csv.reader(g)
+                assert next(reader) == COLUMNS, f"{path}: unexpected columns"
+                for row in reader:
+                    writer.writerow(row)
+                    n += 1
+    os.replace(csv_path + ".tmp", csv_path)
+    return n
+
+
+SUMMARY = ["algorithm", "env_id", "seed", "steps", "final_return", "peak_return", "worst_kl_over_eps",
+           "updates_in_region", "fixup_share", "fallbacks", "wall_s"]
+
+
+def summary_row(run, eps_kl_default=0.2, window=20):
+    """One summary row from a run's {tag: [(step, wall_time, value), ...]}: final return = mean of the last
+    `window` episodes, peak return = the best mean of `window` consecutive episodes; KL against the run's eps_kl
+    (the baselines log none: FixPO's default 0.2); fixup share = fixup / all policy gradient steps."""
+    get = lambda tag: np.array([v for _, _, v in sorted(run.get(tag, []), key=lambda e: e[0])])
+    returns, kl_max = get("charts/episodic_return"), get("trust_region/kl_max")
+    eps_kl = get("hparams/eps_kl")[0] if "hparams/eps_kl" in run else eps_kl_default
+    if len(returns) == 0:
+        returns = np.array([np.nan])  # no episode ended: nan, not a warning
+    means = np.convolve(returns, np.ones(window) / window, "valid") if len(returns) >= window else returns.mean(keepdims=True)
+    primary, fixup = get("fixpo/primary_grad_steps").sum(), get("fixpo/fixup_grad_steps").sum()
+    fallbacks = get("fixpo/fixup_fallbacks")
+    events = [e for tag, es in run.items() if not tag.startswith("hparams/") for e in es]
+    return {"steps": max(s for s, _, _ in events), "final_return": returns[-window:].mean(),
+            "peak_return": means.max(), "worst_kl_over_eps": kl_max.max() / eps_kl,
+            "updates_in_region": float(np.mean(kl_max <= eps_kl)),
+            "fixup_share": fixup / max(primary + fixup, 1), "fallbacks": int(fallbacks[-1]) if len(fallbacks) else 0,
+            "wall_s": max(w for _, w, _ in events) - min(w for _, w, _ in events)}
+
+
+def write_summary(csv_path, summary_path):
+    """summary.csv (columns SUMMARY), one row per run of the scalars CSV; returns the number of runs."""
+    runs = defaultdict(lambda: defaultdict(list))
+    with open(csv_path, newline="") as f:
+        for r in csv.DictReader(f):
+            runs[(r["exp_name"], r["env_id"], int(r["seed"]))][r["tag"]].append(
+                (int(r["step"]), float(r["wall_time"]), float(r["value"])))
+    with open(summary_path + ".tmp", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(SUMMARY)
+        for (algorithm, env_id, seed), run in sorted(runs.items()):
+            row = summary_row(run)
+            writer.writerow([algorithm, env_id, seed, row["steps"]] + [
+                f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in SUMMARY[4:]])
+    os.replace(summary_path + ".tmp", summary_path)
+    return len(runs)
 
 
 if __name__ == "__main__":

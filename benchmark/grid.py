@@ -1,6 +1,7 @@
 """Run a grid of scripts x env ids x seeds, a few processes at a time, resumably; then collect the CSV.
 
     python benchmark/grid.py quick                 # FixPO, PPO-clip, TRPO on Hopper-v4 (see GRIDS)
+    python benchmark/grid.py mujoco                # paper Fig. 3: FixPO, PPO-clip, TRPO on six v5 tasks, 1M steps
     python benchmark/grid.py cbeta                 # the c_beta sweep and per-gradient-step traces (Fig. 1, 2)
     python benchmark/grid.py paper --jobs 16       # for a larger machine
     python benchmark/grid.py custom --scripts fixpo_continuous.py baselines/ppo_continuous.py \\
@@ -14,7 +15,9 @@ At the end, every finished run goes into OUT/scalars.csv (benchmark/collect.py);
 benchmark/plots.py.
 """
 import argparse
+import csv
 import glob
+import gzip
 import os
 import subprocess
 import sys
@@ -23,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from collect import collect  # noqa: E402
+from collect import COLUMNS, collect, concat_scalars, read_run, write_summary  # noqa: E402
 
 FIXPO, PPO, TRPO = "fixpo_continuous.py", "baselines/ppo_continuous.py", "baselines/trpo_continuous.py"
 ABLATIONS = ["ablations/fixpo_no_fixup.py", "ablations/fixpo_mean_kl.py", "ablations/fixpo_fixup_last_epoch.py",
@@ -41,28 +44,57 @@ GRIDS = {
     "cbeta": dict(runs={k: (s, f + ["--trace-updates", "100", "102"]) for k, (s, f) in CBETA.items()},
                   env_ids=["Hopper-v4"], seeds=[1], total_timesteps=300000),
     # the paper's comparison (Fig. 3-5) plus the c_beta sweep (Fig. 1): needs a many-core machine
+    # paper Fig. 3 in today's task versions: 1M steps, FixPO 5 seeds, the baselines 3, one run each of
+    # (seed, task) in turn so that an interrupted grid has covered every task; each finished run's scalars go
+    # to OUT/scalars/ (committed: the grid resumes from them on a fresh checkout) and OUT/summary.csv
+    "mujoco": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, [])},
+                   env_ids=MUJOCO6, seeds={"fixpo": [1, 2, 3, 4, 5], "ppo": [1, 2, 3], "trpo": [1, 2, 3]},
+                   total_timesteps=1000000, order="seed", keep_scalars=True),
     "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
                         **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
                   env_ids=MUJOCO6, seeds=list(range(1, 11)), total_timesteps=3000000),
 }
 
 
-def plan(runs, env_ids, seeds):
-    return [(label, script, flags, env_id, seed) for label, (script, flags) in runs.items()
-            for env_id in env_ids for seed in seeds]
+def plan(runs, env_ids, seeds, order="label"):
+    """(label, script, flags, env_id, seed) of every run. `seeds` is a list, or {label: list}; order="seed" runs
+    seed 1 of every (env_id, label) first, then seed 2, ..."""
+    todo = [(label, script, flags, env_id, seed) for label, (script, flags) in runs.items()
+            for env_id in env_ids for seed in (seeds[label] if isinstance(seeds, dict) else seeds)]
+    if order == "seed":
+        todo.sort(key=lambda r: (r[4], env_ids.index(r[3]), list(runs).index(r[0])))
+    return todo
 
 
 def log_base(out, label, env_id, seed):
     return os.path.join(out, "logs", f"{label}__{env_id}__{seed}")
 
 
+def scalars_path(out, label, env_id, seed):
+    return os.path.join(out, "scalars", f"{label}__{env_id}__{seed}.csv.gz")
+
+
 def finished(out, label, env_id, seed):
-    """The run directory of a finished run, or None."""
+    """The run directory of a finished run (or its kept scalars file, where the run directory is gone), or None."""
     done = log_base(out, label, env_id, seed) + ".done"
-    return open(done).read().strip() if os.path.exists(done) else None
+    if os.path.exists(done):
+        return open(done).read().strip()
+    kept = scalars_path(out, label, env_id, seed)
+    return os.path.relpath(kept, out) if os.path.exists(kept) else None
 
 
-def launch(out, label, script, flags, env_id, seed, total_timesteps, python=sys.executable):
+def keep_scalars(out, label, env_id, seed, run_dir):
+    """Write the run's scalars (collect.py's rows) to OUT/scalars/, gzipped and atomically."""
+    path = scalars_path(out, label, env_id, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with gzip.open(path + ".tmp", "wt", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows(read_run(os.path.join(out, run_dir)))
+    os.replace(path + ".tmp", path)
+
+
+def launch(out, label, script, flags, env_id, seed, total_timesteps, python=sys.executable, keep=False):
     """One run, blocking. Returns (label, env_id, seed, exit code)."""
     base = log_base(out, label, env_id, seed)
     attempt = len(glob.glob(base + ".*.log"))  # earlier failed attempts keep their logs
@@ -76,32 +108,45 @@ def launch(out, label, script, flags, env_id, seed, total_timesteps, python=sys.
         with open(base + ".done.tmp", "w") as f:
             f.write(os.path.relpath(run_dir, out) + "\n")
         os.replace(base + ".done.tmp", base + ".done")
+        if keep:
+            keep_scalars(out, label, env_id, seed, os.path.relpath(run_dir, out))
     return label, env_id, seed, code
 
 
-def run_grid(out, runs, env_ids, seeds, total_timesteps, jobs, python=sys.executable):
+def run_grid(out, runs, env_ids, seeds, total_timesteps, jobs, python=sys.executable, order="label", keep=False):
     """Run every unfinished (label, env_id, seed) of the grid, `jobs` at a time; returns the failures."""
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    todo = [r for r in plan(runs, env_ids, seeds) if finished(out, r[0], r[3], r[4]) is None]
-    print(f"{len(plan(runs, env_ids, seeds)) - len(todo)} runs finished already, {len(todo)} to run, {jobs} at a time")
+    everything = plan(runs, env_ids, seeds, order)
+    todo = [r for r in everything if finished(out, r[0], r[3], r[4]) is None]
+    print(f"{len(everything) - len(todo)} runs finished already, {len(todo)} to run, {jobs} at a time", flush=True)
     start, failures = time.time(), []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(launch, out, label, script, flags, env_id, seed, total_timesteps, python)
+        futures = [pool.submit(launch, out, label, script, flags, env_id, seed, total_timesteps, python, keep)
                    for label, script, flags, env_id, seed in todo]
         for f in futures:
             label, env_id, seed, code = f.result()
             print(f"[{(time.time() - start) / 60:6.1f} min] {label} {env_id} seed {seed}: "
-                  f"{'done' if code == 0 else f'FAILED (exit {code}), see {log_base(out, label, env_id, seed)}.*.err'}")
+                  f"{'done' if code == 0 else f'FAILED (exit {code}), see {log_base(out, label, env_id, seed)}.*.err'}",
+                  flush=True)
             if code != 0:
                 failures.append((label, env_id, seed))
     return failures
 
 
-def collect_finished(out, runs, env_ids, seeds):
-    run_dirs = [os.path.join(out, d) for r in plan(runs, env_ids, seeds) if (d := finished(out, r[0], r[3], r[4]))]
-    if run_dirs:
-        rows = collect(run_dirs, os.path.join(out, "scalars.csv"))
-        print(f"{rows} rows from {len(run_dirs)} finished runs -> {os.path.join(out, 'scalars.csv')}")
+def collect_finished(out, runs, env_ids, seeds, keep=False):
+    """OUT/scalars.csv from every finished run; with keep, from the kept scalars, plus OUT/summary.csv."""
+    done = [r for r in plan(runs, env_ids, seeds) if finished(out, r[0], r[3], r[4])]
+    if not done:
+        return
+    csv_path = os.path.join(out, "scalars.csv")
+    if keep:
+        paths = [scalars_path(out, r[0], r[3], r[4]) for r in done]
+        rows = concat_scalars([p for p in paths if os.path.exists(p)], csv_path)
+        summary = write_summary(csv_path, os.path.join(out, "summary.csv"))
+        print(f"{summary} runs -> {os.path.join(out, 'summary.csv')}")
+    else:
+        rows = collect([os.path.join(out, finished(out, r[0], r[3], r[4])) for r in done], csv_path)
+    print(f"{rows} rows from {len(done)} finished runs -> {csv_path}")
 
 
 if __name__ == "__main__":
@@ -132,6 +177,8 @@ if __name__ == "__main__":
     if missing or cli.jobs < 1:
         sys.exit(f"error: {'no such script: ' + ', '.join(missing) if missing else '--jobs must be >= 1'}")
     out = os.path.abspath(cli.out or os.path.join(ROOT, "benchmark", "results", cli.grid))
-    failures = run_grid(out, grid["runs"], grid["env_ids"], grid["seeds"], grid["total_timesteps"], cli.jobs)
-    collect_finished(out, grid["runs"], grid["env_ids"], grid["seeds"])
+    keep = grid.get("keep_scalars", False)
+    failures = run_grid(out, grid["runs"], grid["env_ids"], grid["seeds"], grid["total_timesteps"], cli.jobs,
+                        order=grid.get("order", "label"), keep=keep)
+    collect_finished(out, grid["runs"], grid["env_ids"], grid["seeds"], keep)
     sys.exit(1 if failures else 0)
