@@ -17,6 +17,9 @@ of the seeds' min to max on the log-scale kl_max figure.
   success_rate.png       charts/success_rate (Meta-World)
   tasks_success_rate.png tasks/success_rate/* (Meta-World MT10/MT50), one panel per task
   tasks_kl_max.png       tasks/kl_max/*: each task's own max KL after every update (shared vs per-task beta)
+With --kind algorithms (the `mujoco` grid), only:
+  fig3_returns.png       return against steps per task, mean and 95% t-interval over seeds (paper Fig. 3)
+  fig3_kl_max_over_eps.png  kl_max / eps_kl per update, log scale: only FixPO stays below 1
 Needs matplotlib: pip install -r benchmark/requirements.txt
 """
 import argparse
@@ -55,9 +58,20 @@ def running_mean(values, window=20):
     return (c[i] - c[lo]) / (i - lo)
 
 
+# one colour per algorithm in every panel and figure; other labels take the next free colours in turn
+COLORS = {"fixpo": "tab:blue", "ppo": "tab:orange", "trpo": "tab:green"}
+
+
+def color_of(exp, order):
+    free = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+    others = [e for e in order if e not in COLORS]
+    return COLORS.get(exp) or free[others.index(exp) % len(free)]
+
+
 def band(curves, grid, spread="se"):
     """Mean of several (x, y) curves, each linearly interpolated onto `grid`, with a band: mean +- 1.96
-    standard errors (spread="se"), or the seeds' min to max (spread="minmax", for log scales)."""
+    standard errors (spread="se"), a 95% confidence interval of the mean from Student's t with n - 1 degrees of
+    freedom (spread="t95": honest with 3-5 seeds), or the seeds' min to max (spread="minmax", for log scales)."""
     ys = np.array([np.interp(grid, x, y, left=np.nan, right=np.nan) for x, y in curves])
     keep = ~np.all(np.isnan(ys), axis=0)  # grid points past every seed's end are dropped
     grid, ys = grid[keep], ys[:, keep]
@@ -68,6 +82,11 @@ def band(curves, grid, spread="se"):
     with warnings.catch_warnings():  # a point with one seed has no spread: 0 below, not a warning
         warnings.simplefilter("ignore", RuntimeWarning)
         se = np.where(n > 1, np.nanstd(ys, axis=0, ddof=1) / np.sqrt(n), 0.0)
+    if spread == "t95":
+        from scipy.stats import t
+
+        half = se * np.where(n > 1, t.ppf(0.975, np.maximum(n - 1, 1)), 0.0)
+        return grid, mean, mean - half, mean + half
     return grid, mean, mean - 1.96 * se, mean + 1.96 * se
 
 
@@ -75,17 +94,23 @@ def eps_kl_of(run, default):
     return run["hparams/eps_kl"][2][0] if "hparams/eps_kl" in run else default
 
 
-def panels(plt, data, title):
+def panels(plt, data, title, cols=None):
     envs = sorted({env for exp in data.values() for env in exp})
-    fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
+    cols = min(cols or len(envs), len(envs))
+    rows = -(-len(envs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(envs):]:
+        ax.axis("off")
     fig.suptitle(title)
-    return fig, dict(zip(envs, axes[0]))
+    return fig, dict(zip(envs, axes.flat))
 
 
-def curve_figure(plt, data, tag, title, ylabel, xkind="steps", transform=None, logy=False, hline=None, eps_default=0.2):
-    fig, axes = panels(plt, data, title)
+def curve_figure(plt, data, tag, title, ylabel, xkind="steps", transform=None, logy=False, hline=None, eps_default=0.2,
+                 spread="se", cols=None):
+    fig, axes = panels(plt, data, title, cols)
     drawn = False
-    for exp in sorted(data, key=natural):
+    order = sorted(data, key=natural)
+    for exp in order:
         for env, ax in axes.items():
             curves = []
             for seed, run in sorted(data[exp].get(env, {}).items()):
@@ -99,9 +124,10 @@ def curve_figure(plt, data, tag, title, ylabel, xkind="steps", transform=None, l
             if not curves:
                 continue
             grid = np.linspace(min(c[0].min() for c in curves), max(c[0].max() for c in curves), 200)
-            grid, mean, lo, hi = band(curves, grid, "minmax" if logy else "se")
-            ax.plot(grid, mean, label=f"{exp} ({len(curves)} seeds)")
-            ax.fill_between(grid, lo, hi, alpha=0.2)
+            grid, mean, lo, hi = band(curves, grid, "minmax" if logy else spread)
+            color = color_of(exp, order)
+            ax.plot(grid, mean, color=color, label=f"{exp} ({len(curves)} seeds)")
+            ax.fill_between(grid, lo, hi, color=color, alpha=0.2)
             drawn = True
     for env, ax in axes.items():
         ax.set_title(env)
@@ -204,7 +230,23 @@ def task_figure(plt, data, prefix="tasks/success_rate/", title="success rate", y
     return fig
 
 
-def make_plots(csv_path, out_dir, eps_kl=0.2):
+def algorithm_figures(plt, data, eps_kl=0.2):
+    """Paper Fig. 3 for the `mujoco` grid: return against steps per task (mean, 95% t-interval over seeds), and
+    kl_max / eps_kl per update (log scale, the seeds' min to max), in a 2 x 3 grid of panels."""
+    return {
+        "fig3_returns": curve_figure(plt, data, "charts/episodic_return",
+                                     "Return (mean of the last 20 episodes): mean and 95% interval over seeds",
+                                     "episodic return", transform=lambda v, run, e: running_mean(v), spread="t95",
+                                     cols=3),
+        "fig3_kl_max_over_eps": curve_figure(plt, data, "trust_region/kl_max",
+                                             "kl_max / eps_kl after each policy update (seeds' min to max); "
+                                             "above 1 = outside the region", "kl_max / eps_kl",
+                                             transform=lambda v, run, e: v / eps_kl_of(run, e), logy=True, hline=1.0,
+                                             eps_default=eps_kl, cols=3),
+    }
+
+
+def make_plots(csv_path, out_dir, eps_kl=0.2, kind="all"):
     """Write every figure the data allows into out_dir; returns the paths written."""
     import matplotlib
 
@@ -213,7 +255,7 @@ def make_plots(csv_path, out_dir, eps_kl=0.2):
 
     data = load(csv_path)
     os.makedirs(out_dir, exist_ok=True)
-    figures = {
+    figures = algorithm_figures(plt, data, eps_kl) if kind == "algorithms" else {
         "returns_vs_steps": curve_figure(plt, data, "charts/episodic_return", "Return", "episodic return (last 20)",
                                          transform=lambda v, run, e: running_mean(v)),
         "returns_vs_time": curve_figure(plt, data, "charts/episodic_return", "Return against wall-clock time",
@@ -250,6 +292,8 @@ if __name__ == "__main__":
     parser.add_argument("csv", help="the CSV written by collect.py")
     parser.add_argument("--out", required=True, help="folder for the PNGs")
     parser.add_argument("--eps-kl", type=float, default=0.2, help="the region for runs that log no eps_kl (baselines)")
+    parser.add_argument("--kind", choices=["all", "algorithms"], default="all",
+                        help="algorithms: only the paper's Fig. 3 pair (fig3_returns.png, fig3_kl_max_over_eps.png)")
     cli = parser.parse_args()
-    for path in make_plots(cli.csv, cli.out, cli.eps_kl):
+    for path in make_plots(cli.csv, cli.out, cli.eps_kl, cli.kind):
         print(path)

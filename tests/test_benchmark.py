@@ -164,3 +164,76 @@ def test_summarize_reads_a_run_without_trust_region_tags(tmp_path, capsys):
     row = summarize.summarize(run_dir)
     assert row["final_return"] == sum(range(11, 31)) / 20 and row["steps"] == 2048 * 30
     assert np.isnan(row["worst_kl_over_eps"]) and np.isnan(row["updates_in_region"]) and row["fixup_share"] == 0
+
+
+def test_mujoco_grid_plan_per_label_seeds_in_seed_order():
+    g = grid.GRIDS["mujoco"]
+    todo = grid.plan(g["runs"], g["env_ids"], g["seeds"], g["order"])
+    assert len(todo) == 6 * (5 + 3 + 3) and len(set((r[0], r[3], r[4]) for r in todo)) == len(todo)
+    assert [(r[0], r[3], r[4]) for r in todo[:4]] == [("fixpo", "HalfCheetah-v5", 1), ("ppo", "HalfCheetah-v5", 1),
+                                                      ("trpo", "HalfCheetah-v5", 1), ("fixpo", "Hopper-v5", 1)]
+    assert [r[4] for r in todo] == sorted(r[4] for r in todo)  # every task's seed 1 before any seed 2
+    assert {r[0] for r in todo if r[4] > 3} == {"fixpo"}
+
+
+def test_kept_scalars_survive_a_fresh_checkout_and_make_the_summary(tmp_path):
+    import shutil
+
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE)
+    out, runs = str(tmp_path / "out"), {"fixpo": (str(script), []), "ppo": (str(script), [])}
+    seeds = {"fixpo": [1, 2], "ppo": [1]}
+    assert grid.run_grid(out, runs, ["Hopper-v5"], seeds, 100, jobs=2, order="seed", keep=True) == []
+    assert sorted(os.listdir(os.path.join(out, "scalars"))) == [
+        "fixpo__Hopper-v5__1.csv.gz", "fixpo__Hopper-v5__2.csv.gz", "ppo__Hopper-v5__1.csv.gz"]
+    shutil.rmtree(os.path.join(out, "runs"))  # what a fresh checkout has: the committed scalars only
+    shutil.rmtree(os.path.join(out, "logs"))
+    assert grid.run_grid(out, runs, ["Hopper-v5"], seeds, 100, jobs=2, order="seed", keep=True) == []
+    assert not os.path.exists(os.path.join(out, "runs"))  # nothing ran again
+    grid.collect_finished(out, runs, ["Hopper-v5"], seeds, keep=True)
+    with open(os.path.join(out, "summary.csv"), newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["algorithm", "env_id", "seed", "steps", "final_return", "peak_return",
+                                 "worst_kl_over_eps", "updates_in_region", "fixup_share", "fallbacks", "wall_s"]
+    assert [(r["algorithm"], r["seed"]) for r in rows] == [("fixpo", "1"), ("fixpo", "2"), ("ppo", "1")]
+    assert float(rows[0]["worst_kl_over_eps"]) == pytest.approx(0.5) and float(rows[0]["updates_in_region"]) == 1
+
+
+def test_summary_row_final_and_peak_return():
+    returns = [0.0] * 20 + [100.0] * 20 + [50.0] * 20  # peak window: the 20 episodes at 100
+    run = {"charts/episodic_return": [(i, float(i), r) for i, r in enumerate(returns)],
+           "trust_region/kl_max": [(0, 0.0, 0.1), (1, 1.0, 0.3)], "hparams/eps_kl": [(0, 0.0, 0.2)],
+           "fixpo/primary_grad_steps": [(0, 0.0, 80), (1, 1.0, 80)], "fixpo/fixup_grad_steps": [(0, 0.0, 0), (1, 1.0, 4)],
+           "fixpo/fixup_fallbacks": [(0, 0.0, 0), (1, 1.0, 1)]}
+    row = collect.summary_row(run)
+    assert row["final_return"] == 50 and row["peak_return"] == 100 and row["steps"] == 59
+    assert row["worst_kl_over_eps"] == pytest.approx(1.5) and row["updates_in_region"] == 0.5
+    assert row["fixup_share"] == pytest.approx(4 / 164) and row["fallbacks"] == 1 and row["wall_s"] == 59
+
+
+def test_table_reports_each_algorithm_and_the_interval_of_the_difference(tmp_path):
+    import table
+
+    path = tmp_path / "summary.csv"
+    rows = ["algorithm,env_id,seed,steps,final_return,peak_return,worst_kl_over_eps,updates_in_region,fixup_share,"
+            "fallbacks,wall_s"]
+    for seed, (f, p) in enumerate([(100, 90), (110, 100), (120, 110)], 1):
+        rows.append(f"fixpo,Swimmer-v5,{seed},1000,{f},{f + 10},0.9,1,0.01,0,60")
+        rows.append(f"ppo,Swimmer-v5,{seed},1000,{p},{p + 30},3.0,0.5,0,0,60")
+    path.write_text("\n".join(rows) + "\n")
+    text = table.table(table.read(str(path)))
+    assert "| Swimmer-v5 | 110 +- 10 (3) | 100 +- 10 (3) | - | +10 [" in text
+    assert "| 10 / 30 / - | 1.00% | 100.00%, worst 0.900 x eps_kl, 0 fallbacks |" in text
+    diff, lo, hi = table.welch_interval([100, 110, 120], [90, 100, 110])
+    assert diff == 10 and lo < 0 < hi and hi - diff == pytest.approx(diff - lo)
+
+
+def test_algorithm_figures_are_pngs(synthetic):
+    pytest.importorskip("matplotlib")
+    import plots
+
+    path = str(synthetic / "scalars.csv")
+    collect.collect(glob.glob(str(synthetic / "runs" / "*")), path)
+    written = plots.make_plots(path, str(synthetic / "fig3"), kind="algorithms")
+    assert sorted(os.path.basename(p) for p in written) == ["fig3_kl_max_over_eps.png", "fig3_returns.png"]
