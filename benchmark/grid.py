@@ -50,6 +50,12 @@ GRIDS = {
     "mujoco": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, [])},
                    env_ids=MUJOCO6, seeds={"fixpo": [1, 2, 3, 4, 5], "ppo": [1, 2, 3], "trpo": [1, 2, 3]},
                    total_timesteps=1000000, order="seed", keep_scalars=True),
+    # Atari learning evidence: Pong and Breakout at 2M agent steps on a CPU (hours a run), or 10M on a GPU machine
+    # (benchmark/atari_gpu.sh); kept scalars and summary.csv as in "mujoco"
+    "atari2m": dict(runs={"fixpo": ("fixpo_atari.py", [])}, env_ids=["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"],
+                    seeds=[1, 2], total_timesteps=2000000, order="seed", keep_scalars=True),
+    "atari10m": dict(runs={"fixpo": ("fixpo_atari.py", [])}, env_ids=["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"],
+                     seeds=[1], total_timesteps=10000000, order="seed", keep_scalars=True),
     "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
                         **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
                   env_ids=MUJOCO6, seeds=list(range(1, 11)), total_timesteps=3000000),
