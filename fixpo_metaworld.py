@@ -339,7 +339,7 @@ class Beta:
             self.value.clamp_(0.0, self.beta_max)  # >= 0: a multiplier; <= beta_max: the penalty never swamps L_pi
 
     def __float__(self):
-        return self.value.mean().item()  # per task: the mean over tasks
+        return self.value.mean().item()  # several groups: their mean
 
 
 @dataclass
@@ -350,8 +350,8 @@ class FixupResult:
     kl_max: float  # max_s KL(s) over the whole batch on exit: <= eps_kl
 
 
-def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size, lr, max_passes, optimizer=None,
-                state_group=None):
+def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size, lr, max_passes, *, optimizer=None,
+                state_group=None, on_step=None):
     """Enforce KL(s) <= eps_kl at every state of the batch; the heart of FixPO.
 
     Repeat: measure KL(s) on the whole batch with the current theta. If every state is within eps_kl,
@@ -359,10 +359,11 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
     the minibatches and take one step on L_KL (no policy-gradient term) on each that violates.
     Termination, bounded: a fresh Adam by default (independent of the primary phase's state; pass
     `optimizer` to share the primary phase's, as the authors do), its rate halved when a pass lowers neither
-    L_KL (the mean KL the steps optimise) nor the excess sum_s max(KL(s) - eps_kl, 0) (each test alone sent a
-    captured instance to the last resort: tests/data/), and after `max_passes` the last resort
-    `backtrack_toward_old`, which always succeeds because KL = 0 at theta_old.
-    Multi-task: the exit test covers every state of every task; `state_group` gives each state's beta_k (None: shared).
+    L_KL (the mean KL the steps optimise) nor the excess sum_s max(KL(s) - eps_kl, 0) (either test alone fails
+    an instance in tests/data/), and after `max_passes` the last resort `backtrack_toward_old`, which always
+    succeeds because KL = 0 at theta_old.
+    `state_group`: each state's beta index (multi-task beta_k; None: one shared beta); the exit test still covers
+    every state. `on_step`: called with 1 after every KL step (to trace it).
     """
     if optimizer is None:
         optimizer = torch.optim.Adam(agent.actor_parameters(), lr=lr, fused=True)
@@ -387,6 +388,8 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
                 optimizer.step()
                 beta.step(kl, None if state_group is None else state_group[idx])
                 steps += 1
+                if on_step is not None:
+                    on_step(1)
         passes += 1
     for group in optimizer.param_groups:
         group["lr"] = lr  # a shared optimizer leaves with the primary phase's rate
@@ -398,7 +401,8 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
 
 def backtrack_toward_old(agent, obs, old_params, theta_old, eps_kl, max_halvings=20):
     """Last resort, always correct: theta <- theta_old + alpha (theta - theta_old), alpha = 1/2, 1/4, ...
-    until every state is within eps_kl; alpha = 0 restores theta_old itself, where KL(s) = 0 exactly."""
+    until every state is within eps_kl; alpha = 0 restores theta_old itself, where KL(s) = 0 exactly.
+    theta is agent.actor_parameters(): every parameter the action distribution, hence the KL, depends on."""
     actor = agent.actor_parameters()
     theta = [p.detach().clone() for p in actor]
     for k in range(1, max_halvings + 2):
@@ -410,6 +414,12 @@ def backtrack_toward_old(agent, obs, old_params, theta_old, eps_kl, max_halvings
         if kl_max <= eps_kl:
             return kl_max
     raise AssertionError("unreachable: KL at theta_old is 0")
+
+
+def report_fallback(iteration, fix):
+    """One line on stderr when the fixup phase needed its last resort (fixpo/fixup_fallbacks counts them)."""
+    print(f"warning: update {iteration}: the fixup phase stopped after {fix.passes} passes and backtracked toward "
+          f"pi_old (kl_max now {fix.kl_max:.4f})", file=sys.stderr)
 
 
 def save_checkpoint(path, agent, envs, args, global_step):
@@ -632,21 +642,21 @@ if __name__ == "__main__":
                 primary_steps += 1
 
             # ---- fixup phase: afterwards KL(s) <= eps_kl at every state of the batch, of every task ----
-            fix = fixup_phase(agent, b_obs, b_old_params, theta_old, beta, args.eps_kl,
-                              args.fixup_minibatch_size, lr_now, args.fixup_max_passes,
-                              None if args.fixup_fresh_adam else optimizer, b_group)
+            fix = fixup_phase(agent, b_obs, b_old_params, theta_old, beta, args.eps_kl, args.fixup_minibatch_size,
+                              lr_now, args.fixup_max_passes, optimizer=None if args.fixup_fresh_adam else optimizer,
+                              state_group=b_group)
             fixup_steps += fix.grad_steps
             fixup_passes += fix.passes
             fallbacks += fix.fallback
             if fix.fallback:
-                print(f"warning: fixup phase hit {args.fixup_max_passes} passes; backtracked toward pi_old "
-                      f"(kl_max now {fix.kl_max:.4f})")
+                report_fallback(iteration, fix)
 
         # ---- logging: the guarantee, measured over the whole batch ----
         kl = batch_kl(agent, b_obs, b_old_params)
         total_primary += primary_steps
         total_fixup += fixup_steps
-        sps = int(global_step / (time.time() - start_time))
+        elapsed = time.time() - start_time
+        sps = int(global_step / elapsed)
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         finished = [ok for flags in rollout_success for ok in flags]
@@ -680,7 +690,9 @@ if __name__ == "__main__":
             writer.add_scalar(tag, value, global_step)
         ret = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
         success = f"{np.mean(recent_success):.2f}" if recent_success else " n/a"
-        print(f"step {global_step:8d}  sps {sps:5d}  return {ret}  success {success}  "
+        eta = int(elapsed * (args.num_iterations - iteration) / iteration)  # seconds left at the average speed so far
+        print(f"step {global_step:8d}/{args.total_timesteps} ({global_step / args.total_timesteps:4.0%})  "
+              f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}  sps {sps:5d}  return {ret}  success {success}  "
               f"kl_max {kl.max().item():.3f}/{args.eps_kl}  "
               f"beta {float(beta):6.3f}  fixup {fixup_steps:3d}/{primary_steps + fixup_steps}  fallbacks {fallbacks}")
 

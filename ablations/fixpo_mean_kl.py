@@ -289,19 +289,26 @@ def value_loss(new_value, old_value, returns, clip_coef=None):
 
 
 def beta_loss(beta, kl_max, eps_kl, c_beta):
-    """L_beta = beta * sg(eps_kl - c_beta * max_s KL(s)): raises beta while c_beta * max KL > eps_kl."""
-    return beta * (eps_kl - c_beta * kl_max.detach())
+    """L_beta = sum_k beta_k * sg(eps_kl - c_beta * max_{s of group k} KL(s)): raises beta_k while c_beta * max KL
+    > eps_kl on group k's states. kl_max is NaN for a group absent from the minibatch: no gradient for its beta_k.
+    With one group (a shared beta) this is the single-task L_beta = beta * sg(eps_kl - c_beta * max_s KL(s))."""
+    present = ~kl_max.isnan()
+    return (beta[present] * (eps_kl - c_beta * kl_max[present].detach())).sum()
 
 
 class Beta:
-    """The KL penalty coefficient beta >= 0: a Lagrange multiplier with its own Adam, clamped to [0, beta_max]."""
+    """KL penalty coefficients beta_k >= 0, one per group of states (one group: a shared beta; per task: beta_k):
+    Lagrange multipliers with their own Adam, clamped to [0, beta_max]."""
 
-    def __init__(self, init_beta, beta_lr, eps_kl, c_beta, beta_max, device="cpu"):
-        self.value = torch.tensor(float(init_beta), device=device, requires_grad=True)
+    def __init__(self, init_beta, beta_lr, eps_kl, c_beta, beta_max, device="cpu", num_groups=1):
+        self.value = torch.full((num_groups,), float(init_beta), device=device, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.value], lr=beta_lr, fused=True)
         self.eps_kl, self.c_beta, self.beta_max = eps_kl, c_beta, beta_max
 
-    def step(self, kl_max):
+    def step(self, kl, group=None):
+        """One step on L_beta; kl: KL(s) at a minibatch's states, group: each state's beta index (None: all 0)."""
+        group = torch.zeros(len(kl), dtype=torch.long, device=kl.device) if group is None else group
+        kl_max = torch.full_like(self.value, float("nan")).scatter_reduce(0, group, kl.detach(), "amax", include_self=False)
         self.optimizer.zero_grad()
         beta_loss(self.value, kl_max, self.eps_kl, self.c_beta).backward()
         self.optimizer.step()
@@ -309,7 +316,7 @@ class Beta:
             self.value.clamp_(0.0, self.beta_max)  # >= 0: a multiplier; <= beta_max: the penalty never swamps L_pi
 
     def __float__(self):
-        return self.value.item()
+        return self.value.mean().item()  # several groups: their mean
 
 
 @dataclass
@@ -320,8 +327,8 @@ class FixupResult:
     kl_max: float  # max_s KL(s) over the whole batch on exit: <= eps_kl
 
 
-def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size, lr, max_passes, optimizer=None,
-                on_step=None):
+def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size, lr, max_passes, *, optimizer=None,
+                state_group=None, on_step=None):
     """Enforce KL(s) <= eps_kl at every state of the batch; the heart of FixPO.
 
     Repeat: measure KL(s) on the whole batch with the current theta. If every state is within eps_kl,
@@ -329,9 +336,11 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
     the minibatches and take one step on L_KL (no policy-gradient term) on each that violates.
     Termination, bounded: a fresh Adam by default (independent of the primary phase's state; pass
     `optimizer` to share the primary phase's, as the authors do), its rate halved when a pass lowers neither
-    L_KL (the mean KL the steps optimise) nor the excess sum_s max(KL(s) - eps_kl, 0) (each test alone sent a
-    captured instance to the last resort: tests/data/), and after `max_passes` the last resort
-    `backtrack_toward_old`, which always succeeds because KL = 0 at theta_old.
+    L_KL (the mean KL the steps optimise) nor the excess sum_s max(KL(s) - eps_kl, 0) (either test alone fails
+    an instance in tests/data/), and after `max_passes` the last resort `backtrack_toward_old`, which always
+    succeeds because KL = 0 at theta_old.
+    `state_group`: each state's beta index (multi-task beta_k; None: one shared beta); the exit test still covers
+    every state. `on_step`: called with 1 after every KL step (to trace it).
     """
     if optimizer is None:
         optimizer = torch.optim.Adam(agent.actor_parameters(), lr=lr, fused=True)
@@ -354,7 +363,7 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
                 optimizer.zero_grad()
                 kl.mean().backward()
                 optimizer.step()
-                beta.step(kl.mean())  # ABLATION: mean KL
+                beta.step(kl.mean().expand_as(kl), None if state_group is None else state_group[idx])  # ABLATION: mean KL
                 steps += 1
                 if on_step is not None:
                     on_step(1)
@@ -369,7 +378,8 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
 
 def backtrack_toward_old(agent, obs, old_params, theta_old, eps_kl, max_halvings=20):
     """Last resort, always correct: theta <- theta_old + alpha (theta - theta_old), alpha = 1/2, 1/4, ...
-    until every state is within eps_kl; alpha = 0 restores theta_old itself, where KL(s) = 0 exactly."""
+    until every state is within eps_kl; alpha = 0 restores theta_old itself, where KL(s) = 0 exactly.
+    theta is agent.actor_parameters(): every parameter the action distribution, hence the KL, depends on."""
     actor = agent.actor_parameters()
     theta = [p.detach().clone() for p in actor]
     for k in range(1, max_halvings + 2):
@@ -381,6 +391,12 @@ def backtrack_toward_old(agent, obs, old_params, theta_old, eps_kl, max_halvings
         if kl_max <= eps_kl:
             return kl_max
     raise AssertionError("unreachable: KL at theta_old is 0")
+
+
+def report_fallback(iteration, fix):
+    """One line on stderr when the fixup phase needed its last resort (fixpo/fixup_fallbacks counts them)."""
+    print(f"warning: update {iteration}: the fixup phase stopped after {fix.passes} passes and backtracked toward "
+          f"pi_old (kl_max now {fix.kl_max:.4f})", file=sys.stderr)
 
 
 def save_checkpoint(path, agent, envs, args, global_step):
@@ -550,22 +566,25 @@ if __name__ == "__main__":
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
-                beta.step(kl.mean())  # ABLATION: L_beta on the mean KL
+                beta.step(kl.mean().expand_as(kl))  # ABLATION: L_beta on the mean KL (every state carries it)
                 primary_steps += 1
                 trace(0)
 
             # ---- fixup phase: afterwards KL(s) <= eps_kl at every state of the batch ----
-            fix = fixup_phase(agent, b_obs, b_old_params, theta_old, beta, args.eps_kl,
-                              args.fixup_minibatch_size, lr_now, args.fixup_max_passes,
-                              None if args.fixup_fresh_adam else optimizer, on_step=trace)
+            fix = fixup_phase(agent, b_obs, b_old_params, theta_old, beta, args.eps_kl, args.fixup_minibatch_size,
+                              lr_now, args.fixup_max_passes, optimizer=None if args.fixup_fresh_adam else optimizer,
+                              on_step=trace)
             fixup_steps += fix.grad_steps
             fixup_passes += fix.passes
-            fallbacks += fix.fallback  # the progress line below shows the count
+            fallbacks += fix.fallback
+            if fix.fallback:
+                report_fallback(iteration, fix)
 
         # ---- logging: the guarantee, measured over the whole batch ----
         kl = batch_kl(agent, b_obs, b_old_params)
         total_primary, total_fixup = total_primary + primary_steps, total_fixup + fixup_steps
-        sps = int(global_step / (time.time() - start_time))
+        elapsed = time.time() - start_time
+        sps = int(global_step / elapsed)
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         for tag, value in {
@@ -588,7 +607,9 @@ if __name__ == "__main__":
         }.items():
             writer.add_scalar(tag, value, global_step)
         ret = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
-        print(f"step {global_step:8d}  sps {sps:5d}  return {ret}  kl_max {kl.max().item():.3f}/{args.eps_kl}  "
+        eta = int(elapsed * (args.num_iterations - iteration) / iteration)  # seconds left at the average speed so far
+        print(f"step {global_step:8d}/{args.total_timesteps} ({global_step / args.total_timesteps:4.0%})  "
+              f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}  sps {sps:5d}  return {ret}  kl_max {kl.max().item():.3f}/{args.eps_kl}  "
               f"beta {float(beta):6.3f}  fixup {fixup_steps:3d}/{primary_steps + fixup_steps}  fallbacks {fallbacks}")
 
     if args.save_model:

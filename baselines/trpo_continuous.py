@@ -501,7 +501,8 @@ if __name__ == "__main__":
 
         # ---- logging: the exact KL over the whole batch, as FixPO logs it ----
         kl = batch_kl(agent, b_obs, b_old_params)
-        sps = int(global_step / (time.time() - start_time))
+        elapsed = time.time() - start_time
+        sps = int(global_step / elapsed)
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         for tag, value in {
@@ -520,7 +521,9 @@ if __name__ == "__main__":
         }.items():
             writer.add_scalar(tag, value, global_step)
         ret = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
-        print(f"step {global_step:8d}  sps {sps:5d}  return {ret}  kl_max {kl.max().item():.3f}  "
+        eta = int(elapsed * (args.num_iterations - iteration) / iteration)  # seconds left at the average speed so far
+        print(f"step {global_step:8d}/{args.total_timesteps} ({global_step / args.total_timesteps:4.0%})  "
+              f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}  sps {sps:5d}  return {ret}  kl_max {kl.max().item():.3f}  "
               f"kl_mean {kl.mean().item():.4f}/{args.max_kl}  step {step.step_frac:.3f}  rejected {rejected}")
 
     if args.save_model:

@@ -149,13 +149,13 @@ def test_kl_per_state_matches_closed_form_and_is_zero_at_old():
 
 def test_beta_moves_like_a_lagrange_multiplier_and_stays_clamped():
     beta = fc.Beta(1.0, 0.1, eps_kl=0.2, c_beta=3.0, beta_max=1.2)
-    beta.step(torch.tensor(0.1))  # c_beta * 0.1 > 0.2: violated -> raise
+    beta.step(torch.tensor([0.02, 0.1]))  # per-state KL, max 0.1: c_beta * 0.1 > 0.2, violated -> raise
     assert float(beta) > 1.0
     for _ in range(50):
-        beta.step(torch.tensor(0.5))
+        beta.step(torch.tensor([0.5]))
     assert float(beta) == pytest.approx(1.2)
     for _ in range(100):
-        beta.step(torch.tensor(0.0))  # far inside -> lower, never below 0
+        beta.step(torch.zeros(4))  # far inside -> lower, never below 0
     assert float(beta) == 0.0
     assert math.isfinite(float(beta))
 
@@ -224,7 +224,7 @@ def test_captured_instance_with_beta_pinned_at_zero_converges():
     agent.load_state_dict(e["agent"], strict=False)
     beta = fc.Beta(0.5, 0.01, e["eps_kl"], c_beta=1.0, beta_max=100.0)
     for _ in range(200):  # a primary phase far inside the region drives beta to its clamp at 0, with momentum
-        beta.step(torch.tensor(0.0))
+        beta.step(torch.zeros(4))
     assert float(beta) == 0.0
     torch.manual_seed(0)
     result = fc.fixup_phase(agent, e["obs"], e["old_params"], e["theta_old"], beta, e["eps_kl"],

@@ -97,13 +97,13 @@ def test_per_task_beta_moves_each_multiplier_on_its_own_states():
 
 
 def test_shared_beta_is_the_single_task_multiplier():
-    """One group: Beta.step(kl) follows fixpo_continuous's beta step on max_s KL(s) exactly."""
+    """One group: a step on every state's KL is fixpo_continuous's step on max_s KL(s) alone."""
     shared, single = fm.Beta(1.0, 0.05, 0.2, 3.0, 100.0), fc.Beta(1.0, 0.05, 0.2, 3.0, 100.0)
     torch.manual_seed(0)
     for scale in [0.01, 0.3, 0.2, 0.0, 0.05] * 4:
         kl = scale * torch.rand(64)
         shared.step(kl)
-        single.step(kl.max())
+        single.step(kl.max().reshape(1))
         assert float(shared) == pytest.approx(float(single), abs=1e-6)
 
 
