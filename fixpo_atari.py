@@ -13,6 +13,7 @@ using only a KL penalty and a short "fixup" phase:
 
 Run:       python fixpo_atari.py --env-id BreakoutNoFrameskip-v4
 Evaluate:  python fixpo_atari.py --eval-checkpoint runs/<run_name>/fixpo_atari.fixpo_model
+Docs: docs/fixpo.md (the algorithm as implemented, porting guide)
 """
 import copy
 import difflib

@@ -13,6 +13,7 @@ using only a KL penalty and a short "fixup" phase:
 
 Run:       python fixpo_continuous.py --env-id Hopper-v4
 Evaluate:  python fixpo_continuous.py --eval-checkpoint runs/<run_name>/fixpo_continuous.fixpo_model
+Docs: docs/fixpo.md (the algorithm as implemented, porting guide)
 """
 import os
 import random

@@ -14,6 +14,7 @@ Multi-task (the paper's future work): --per-task-beta tunes one beta_k per task 
 
 Run:       python fixpo_metaworld.py --env-id pick-place-v3   (--benchmark MT10 --per-task-beta; --load-checkpoint M)
 Evaluate:  python fixpo_metaworld.py --eval-checkpoint runs/<run_name>/fixpo_metaworld.fixpo_model
+Docs: docs/fixpo.md (the algorithm as implemented, porting guide)
 """
 import os
 import random
