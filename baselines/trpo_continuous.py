@@ -152,7 +152,7 @@ def check_env(env_id: str) -> None:
 
 def make_env(env_id, idx, capture_video, run_name):
     def thunk():
-        # no passive env checker: it only warns, and costs ~15% of the stepping time here
+        # no passive env checker: it only warns, and slows every step
         if capture_video and idx == 0:
             env = gym.make(env_id, render_mode="rgb_array", disable_env_checker=True)
             return gym.wrappers.RecordVideo(env, f"videos/{run_name}")
