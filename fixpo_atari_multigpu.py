@@ -28,6 +28,7 @@ Run (2 machines x 4 GPUs; the same command on each, K = 0 on the machine at HOST
   A rank that stops answering ends the run after --dist-timeout seconds instead of hanging.
 Plain `python fixpo_atari_multigpu.py ...` runs a world of one process.
 Evaluate:  python fixpo_atari_multigpu.py --eval-checkpoint runs/<run_name>/fixpo_atari_multigpu.fixpo_model
+Docs: docs/fixpo.md (the algorithm as implemented, porting guide)
 """
 import copy
 import difflib
@@ -44,7 +45,7 @@ from typing import List, Optional
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.distributed as tdist  # not `dist`: the loop below names a distribution so
+import torch.distributed as tdist  # not `dist`: in the loop, `dist` is the action distribution
 import torch.nn as nn
 import tyro
 from torch.distributions import Categorical
@@ -63,7 +64,7 @@ class Args:
     dist_timeout: float = 300.0
     """seconds a collective may wait for the other ranks before the run ends with an error"""
     threads: int = 1
-    """torch CPU threads; 1 ran 2.4x faster than 2 on this project's shared 2-core machine"""
+    """torch CPU threads (AtariVectorEnv steps the games on threads of its own)"""
     track: bool = False
     """if toggled, log to Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "fixpo"
@@ -273,7 +274,7 @@ def kl_per_state(old_params, new_params):
     return (old_logp.exp() * (old_logp - new_logp)).sum(-1)
 
 
-def batch_kl(agent, obs, old_params, chunk=256):  # CNN passes of 256 states: 1.7x faster than 1024 at once here
+def batch_kl(agent, obs, old_params, chunk=256):  # CNN passes of 256 states: faster on CPU than larger chunks
     """KL(s) at every state of the batch, without gradients: the measure the guarantee is stated in."""
     with torch.no_grad():
         return torch.cat([kl_per_state(old_params[i:i + chunk], agent.dist_params(obs[i:i + chunk]))
@@ -628,7 +629,7 @@ if __name__ == "__main__":
     envs = make_envs(args.env_id, args.local_num_envs)
     obs_shape, num_actions = envs.single_observation_space.shape, envs.single_action_space.n
     agent = Agent(num_actions).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: 3.6x faster steps on CPU
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # fused: one kernel for all parameters
     beta = Beta(args.init_beta, args.beta_lr, args.eps_kl, args.c_beta, args.beta_max, device)
     broadcast_from_rank0(agent, beta)
 
@@ -773,7 +774,9 @@ if __name__ == "__main__":
         }.items():
             writer.add_scalar(tag, value, global_step)
         ret = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
-        print(f"step {global_step:8d}  sps {sps:5d}  return {ret}  kl_max {kl_max:.3f}/{args.eps_kl}  "
+        eta = int(elapsed * (args.num_iterations - iteration) / iteration)  # seconds left at the average speed so far
+        print(f"step {global_step:8d}/{args.total_timesteps} ({global_step / args.total_timesteps:4.0%})  "
+              f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}  sps {sps:5d}  return {ret}  kl_max {kl_max:.3f}/{args.eps_kl}  "
               f"beta {float(beta):6.3f}  fixup {fixup_steps:3d}/{primary_steps + fixup_steps}  fallbacks {fallbacks}  "
               f"comm {100 * COMM['seconds'] / elapsed:4.1f}%")
 
