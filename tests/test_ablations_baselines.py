@@ -76,7 +76,9 @@ def test_shared_helpers_are_identical_to_fixpo(path):
 # so a fix or a signature change lands everywhere or the test fails. A new training script joins FIXPO_SCRIPTS.
 FIXPO_SCRIPTS = [os.path.join(ROOT, p) for p in ("fixpo_atari.py", "fixpo_metaworld.py")] + ABLATIONS
 FIXPO_HELPERS = ["Beta", "beta_loss", "FixupResult", "fixup_phase", "backtrack_toward_old", "report_fallback",
-                 "compute_gae", "kl_per_state", "batch_kl"]
+                 "compute_gae", "kl_per_state", "batch_kl",
+                 # checkpoints, --resume, SIGINT/SIGTERM and non-finite stops: one layout and behaviour everywhere
+                 "NonFinite", "check_finite", "save_training_state", "load_training_state", "restore_rng", "StopSignals"]
 # The only documented differences. Each entry must still differ (a stale entry fails), everything else must match.
 ALLOWED_DIFFERENCES = {
     # discrete actions: the categorical KL from logits (log_softmax stays finite where a probability underflows), and
