@@ -2,6 +2,7 @@
 
     python benchmark/grid.py quick                 # FixPO, PPO-clip, TRPO on Hopper-v4 (see GRIDS)
     python benchmark/grid.py mujoco                # paper Fig. 3: FixPO, PPO-clip, TRPO on six v5 tasks, 1M steps
+    python benchmark/grid.py mujoco --collect-only # summary.csv and scalars.csv from the runs finished so far
     python benchmark/grid.py cbeta                 # the c_beta sweep and per-gradient-step traces (Fig. 1, 2)
     python benchmark/grid.py paper --jobs 16       # for a larger machine
     python benchmark/grid.py custom --scripts fixpo_continuous.py baselines/ppo_continuous.py \\
@@ -166,6 +167,8 @@ if __name__ == "__main__":
     parser.add_argument("--total-timesteps", type=int, help="custom (or override): steps per run")
     parser.add_argument("--flags", default="", help='custom: extra flags for every run, as --flags="--c-beta 2"')
     parser.add_argument("--label", help="custom, one script: the runs' label (default: the script's name)")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="run nothing: collect the finished runs (scalars.csv, and summary.csv for kept grids)")
     cli = parser.parse_args()
     if cli.grid == "custom":
         if not (cli.scripts and cli.env_ids and cli.seeds and cli.total_timesteps):
@@ -184,6 +187,9 @@ if __name__ == "__main__":
         sys.exit(f"error: {'no such script: ' + ', '.join(missing) if missing else '--jobs must be >= 1'}")
     out = os.path.abspath(cli.out or os.path.join(ROOT, "benchmark", "results", cli.grid))
     keep = grid.get("keep_scalars", False)
+    if cli.collect_only:
+        collect_finished(out, grid["runs"], grid["env_ids"], grid["seeds"], keep)
+        sys.exit(0)
     failures = run_grid(out, grid["runs"], grid["env_ids"], grid["seeds"], grid["total_timesteps"], cli.jobs,
                         order=grid.get("order", "label"), keep=keep)
     collect_finished(out, grid["runs"], grid["env_ids"], grid["seeds"], keep)
