@@ -57,6 +57,10 @@ GRIDS = {
                     seeds=[1, 2], total_timesteps=2000000, order="seed", keep_scalars=True),
     "atari10m": dict(runs={"fixpo": ("fixpo_atari.py", [])}, env_ids=["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"],
                      seeds=[1], total_timesteps=10000000, order="seed", keep_scalars=True),
+    # screen for the mujoco grid's FixPO rows (Hopper-v5, Walker2d-v5, seeds 1-5): a floor under beta
+    "beta_floor": dict(runs={"fixpo_beta_floor": ("ablations/fixpo_beta_floor.py", [])},
+                       env_ids=["Hopper-v5", "Walker2d-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
+                       order="seed", keep_scalars=True),
     "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
                         **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
                   env_ids=MUJOCO6, seeds=list(range(1, 11)), total_timesteps=3000000),
@@ -167,6 +171,7 @@ if __name__ == "__main__":
     parser.add_argument("--total-timesteps", type=int, help="custom (or override): steps per run")
     parser.add_argument("--flags", default="", help='custom: extra flags for every run, as --flags="--c-beta 2"')
     parser.add_argument("--label", help="custom, one script: the runs' label (default: the script's name)")
+    parser.add_argument("--labels", nargs="+", help="run only these labels of the grid (e.g. fixpo)")
     parser.add_argument("--collect-only", action="store_true",
                         help="run nothing: collect the finished runs (scalars.csv, and summary.csv for kept grids)")
     cli = parser.parse_args()
@@ -182,6 +187,11 @@ if __name__ == "__main__":
         for key in ("env_ids", "seeds", "total_timesteps"):
             if getattr(cli, key) is not None:
                 grid[key] = getattr(cli, key)
+    if cli.labels:
+        unknown = set(cli.labels) - set(grid["runs"])
+        if unknown:
+            parser.error(f"no such label in the grid: {', '.join(sorted(unknown))} (labels: {', '.join(grid['runs'])})")
+        grid["runs"] = {k: v for k, v in grid["runs"].items() if k in cli.labels}
     missing = [s for s, _ in grid["runs"].values() if not os.path.exists(os.path.join(ROOT, s))]
     if missing or cli.jobs < 1:
         sys.exit(f"error: {'no such script: ' + ', '.join(missing) if missing else '--jobs must be >= 1'}")
