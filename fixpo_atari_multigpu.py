@@ -246,16 +246,20 @@ class Agent(nn.Module):
         )
         self.actor = layer_init(nn.Linear(512, num_actions), std=0.01)
         self.critic = layer_init(nn.Linear(512, 1), std=1.0)
+        self.to(memory_format=torch.channels_last)  # conv weights NHWC: CPU (oneDNN) convolutions run faster so
+
+    def features(self, x):  # uint8 frames in storage, floats only in here; NHWC like the weights
+        return self.network(x.contiguous(memory_format=torch.channels_last) / 255.0)
 
     def get_value(self, x):
-        return self.critic(self.network(x / 255.0)).squeeze(-1)  # uint8 frames in storage, floats only in here
+        return self.critic(self.features(x)).squeeze(-1)
 
     def dist_params(self, x):
         """The action distribution's parameters, one row per state: the logits."""
-        return self.actor(self.network(x / 255.0))
+        return self.actor(self.features(x))
 
     def dist_params_and_value(self, x):  # both heads from one pass through the torso, which is most of the cost
-        hidden = self.network(x / 255.0)
+        hidden = self.features(x)
         return self.actor(hidden), self.critic(hidden).squeeze(-1)
 
     def actor_parameters(self) -> List[nn.Parameter]:
