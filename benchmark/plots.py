@@ -72,7 +72,10 @@ def band(curves, grid, spread="se"):
     """Mean of several (x, y) curves, each linearly interpolated onto `grid`, with a band: mean +- 1.96
     standard errors (spread="se"), a 95% confidence interval of the mean from Student's t with n - 1 degrees of
     freedom (spread="t95": honest with 3-5 seeds), or the seeds' min to max (spread="minmax", for log scales)."""
-    ys = np.array([np.interp(grid, x, y, left=np.nan, right=np.nan) for x, y in curves])
+    if spread == "minmax":  # log-scale KL: each seed's largest value in each bin, so no spike falls between points
+        ys = np.array([binned_max(x, y, grid) for x, y in curves])
+    else:
+        ys = np.array([np.interp(grid, x, y, left=np.nan, right=np.nan) for x, y in curves])
     keep = ~np.all(np.isnan(ys), axis=0)  # grid points past every seed's end are dropped
     grid, ys = grid[keep], ys[:, keep]
     mean = np.nanmean(ys, axis=0)
@@ -88,6 +91,15 @@ def band(curves, grid, spread="se"):
         half = se * np.where(n > 1, t.ppf(0.975, np.maximum(n - 1, 1)), 0.0)
         return grid, mean, mean - half, mean + half
     return grid, mean, mean - 1.96 * se, mean + 1.96 * se
+
+
+def binned_max(x, y, grid):
+    """The largest y with x in each bin (grid[i-1], grid[i]] (the first bin: x <= grid[0]); nan for an empty bin."""
+    out = np.full(len(grid), np.nan)
+    idx = np.searchsorted(grid, x)
+    inside = idx < len(grid)
+    np.fmax.at(out, idx[inside], y[inside])
+    return out
 
 
 def eps_kl_of(run, default):
@@ -126,7 +138,7 @@ def curve_figure(plt, data, tag, title, ylabel, xkind="steps", transform=None, l
             grid = np.linspace(min(c[0].min() for c in curves), max(c[0].max() for c in curves), 200)
             grid, mean, lo, hi = band(curves, grid, "minmax" if logy else spread)
             color = color_of(exp, order)
-            ax.plot(grid, mean, color=color, label=f"{exp} ({len(curves)} seeds)")
+            ax.plot(grid, mean, color=color, label=f"{exp} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
             ax.fill_between(grid, lo, hi, color=color, alpha=0.2)
             drawn = True
     for env, ax in axes.items():
@@ -239,8 +251,8 @@ def algorithm_figures(plt, data, eps_kl=0.2):
                                      "episodic return", transform=lambda v, run, e: running_mean(v), spread="t95",
                                      cols=3),
         "fig3_kl_max_over_eps": curve_figure(plt, data, "trust_region/kl_max",
-                                             "kl_max / eps_kl after each policy update (seeds' min to max); "
-                                             "above 1 = outside the region", "kl_max / eps_kl",
+                                             "kl_max / eps_kl after each policy update (the largest in each of 200 bins; "
+                                             "band: seeds' min to max); above 1 = outside the region", "kl_max / eps_kl",
                                              transform=lambda v, run, e: v / eps_kl_of(run, e), logy=True, hline=1.0,
                                              eps_default=eps_kl, cols=3),
     }

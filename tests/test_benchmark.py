@@ -97,9 +97,11 @@ def test_running_mean_and_band():
     x = np.array([0.0, 10.0])
     g, mean, lo, hi = plots.band([(x, np.array([0.0, 10.0])), (x, np.array([2.0, 12.0]))], np.array([0.0, 5.0, 10.0]))
     assert np.allclose(mean, [1, 6, 11]) and np.allclose(hi - mean, 1.96 * np.sqrt(2) / np.sqrt(2))
-    g, mean, lo, hi = plots.band([(x, np.array([0.0, 10.0])), (x, np.array([2.0, 12.0]))], np.array([5.0, 20.0]),
-                                 spread="minmax")
-    assert np.allclose(g, [5.0]) and np.allclose(lo, [5.0]) and np.allclose(hi, [7.0])  # past the end: dropped
+    # minmax (the log-scale KL figure): each seed's largest value in each bin, then the seeds' min and max
+    x3 = np.array([0.0, 4.0, 10.0])
+    g, mean, lo, hi = plots.band([(x3, np.array([1.0, 3.0, 10.0])), (x3, np.array([2.0, 0.5, 12.0]))],
+                                 np.array([5.0, 20.0, 30.0]), spread="minmax")
+    assert np.allclose(g, [5.0, 20.0]) and np.allclose(lo, [2.0, 10.0]) and np.allclose(hi, [3.0, 12.0])  # 30: empty
 
 
 FAKE = textwrap.dedent("""
