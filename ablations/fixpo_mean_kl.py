@@ -331,6 +331,7 @@ class FixupResult:
     passes: int  # passes over the batch that found a violation
     fallback: bool  # the last resort ran
     kl_max: float  # max_s KL(s) over the whole batch on exit: <= eps_kl
+    kl_mean: float  # mean_s KL(s) over the whole batch on exit
 
 
 def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size, lr, max_passes, *, optimizer=None,
@@ -377,9 +378,9 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
     for group in optimizer.param_groups:
         group["lr"] = lr  # a shared optimizer leaves with the primary phase's rate
     if kl_mean <= eps_kl:  # ABLATION: mean KL
-        return FixupResult(steps, passes, False, kl_max)
+        return FixupResult(steps, passes, False, kl_max, kl_mean)
     kl_max = backtrack_toward_old(agent, obs, old_params, theta_old, eps_kl)
-    return FixupResult(steps, passes, True, kl_max)
+    return FixupResult(steps, passes, True, kl_max, batch_kl(agent, obs, old_params).mean().item())
 
 
 def backtrack_toward_old(agent, obs, old_params, theta_old, eps_kl, max_halvings=20):

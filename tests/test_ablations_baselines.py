@@ -115,7 +115,7 @@ def test_agent_defaults_are_the_scripts_defaults(path):
 
 
 def test_fallback_report_is_one_line_on_stderr(capsys):
-    fc.report_fallback(7, fc.FixupResult(grad_steps=300, passes=100, fallback=True, kl_max=0.15))
+    fc.report_fallback(7, fc.FixupResult(grad_steps=300, passes=100, fallback=True, kl_max=0.15, kl_mean=0.01))
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert "update 7" in err and "100 passes" in err and "0.1500" in err
