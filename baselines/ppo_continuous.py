@@ -11,6 +11,7 @@ Evaluate:  python baselines/ppo_continuous.py --eval-checkpoint runs/<run_name>/
 """
 import os
 import random
+import signal
 import sys
 import time
 from collections import deque
@@ -54,6 +55,10 @@ class Args:
     """episodes per evaluation"""
     eval_deterministic: bool = True
     """evaluate with the mean action (--no-eval-deterministic samples as in training)"""
+    checkpoint_every: int = 0
+    """write runs/{run_name}/checkpoint.pt every N updates and at the end (0: only on SIGINT/SIGTERM)"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt: continue that run, with its arguments, in its run folder and TensorBoard log"""
 
     # Algorithm-specific arguments
     env_id: str = "Hopper-v4"
@@ -123,6 +128,7 @@ def check_args(args: Args) -> None:
         (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "need 0 < --gamma <= 1 and 0 <= --gae-lambda <= 1"),
         (args.max_grad_norm > 0 and args.vf_coef >= 0 and args.ent_coef >= 0, "need --max-grad-norm > 0, --vf-coef >= 0, --ent-coef >= 0"),
         (args.threads >= 1 and args.eval_episodes >= 1, "--threads and --eval-episodes must be >= 1"),
+        (args.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (got {args.checkpoint_every})"),
     ]
     for ok, message in rules:
         if not ok:
@@ -300,6 +306,78 @@ def evaluate(checkpoint_path, eval_episodes, seed, deterministic=True, capture_v
     return returns
 
 
+class NonFinite(Exception):
+    """An observation, reward, loss or parameter became NaN or inf: the run stops before training on it."""
+
+
+def check_finite(what, value, global_step):
+    finite = np.isfinite(value).all() if isinstance(value, np.ndarray) else torch.isfinite(value).all()
+    if not finite:
+        raise NonFinite(f"non-finite {what} at step {global_step}")
+
+
+RESUMABLE = ["checkpoint_every", "threads", "cuda", "track", "resume"]  # the only flags a resume may change
+
+
+def save_training_state(path, *, run_name, args, global_step, iteration, agent, optimizer, beta, normalization,
+                        counters):
+    """Everything a continuation needs (the same layout in every script), written atomically: a crash mid-write
+    keeps the previous file. The environments are not saved: a resumed run starts new episodes."""
+    state = {
+        "format": "fixpo-training-state-1", "script": os.path.basename(__file__), "run_name": run_name,
+        "args": vars(args), "global_step": global_step, "iteration": iteration,  # iteration: updates completed
+        "agent": agent.state_dict(), "optimizer": optimizer.state_dict(),
+        "beta": None if beta is None else {"value": beta.value.detach().clone(), "optimizer": beta.optimizer.state_dict()},
+        "normalization": normalization, "counters": counters,
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_training_state(path, cli_args):
+    """The saved state, and the run's saved arguments; a flag given now that would change the run (anything but
+    RESUMABLE) is refused rather than ignored."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        script = state["script"] if state["format"] == "fixpo-training-state-1" else None
+    except Exception as e:
+        raise UsageError(f"cannot read a training state at {path!r} ({type(e).__name__})") from None
+    if script != os.path.basename(__file__):
+        raise UsageError(f"{path!r} was written by {script}, not {os.path.basename(__file__)}")
+    saved, defaults = state["args"], vars(Args())
+    changed = [k for k, v in vars(cli_args).items() if k not in RESUMABLE and v != defaults[k] and v != saved[k]]
+    if changed:
+        raise UsageError("--resume continues a run with its saved arguments; drop "
+                         + ", ".join("--" + k.replace("_", "-") for k in changed))
+    return state, Args(**{**saved, **{k: getattr(cli_args, k) for k in RESUMABLE}})
+
+
+def restore_rng(rng):
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class StopSignals:
+    """SIGINT/SIGTERM set a flag that the loop reads after each update, to checkpoint and exit cleanly; a second
+    signal stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this update (again to stop now)", flush=True)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.capture_video:
@@ -317,9 +395,13 @@ if __name__ == "__main__":
                 import wandb
             except ImportError:
                 raise UsageError("--track needs wandb: pip install wandb") from None
-        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        if os.path.exists(f"runs/{run_name}"):
-            raise UsageError(f"runs/{run_name} exists already; not overwriting it")
+        state, run_name = None, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        if args.resume is not None:
+            state, args = load_training_state(args.resume, args)
+            run_name = state["run_name"]
+        run_dir = os.path.dirname(os.path.abspath(args.resume)) if state else f"runs/{run_name}"
+        if state is None and os.path.exists(run_dir):
+            raise UsageError(f"{run_dir} exists already; not overwriting it")
         check_env(args.env_id)
     except UsageError as e:
         sys.exit(f"error: {e}")
@@ -332,8 +414,10 @@ if __name__ == "__main__":
                    config=vars(args), name=run_name, monitor_gym=True, save_code=True)
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    # a resumed run appends to its log; whatever a killed run logged after its checkpoint is dropped
+    writer = SummaryWriter(run_dir, purge_step=None if state is None else state["global_step"] + 1)
+    if state is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -354,14 +438,44 @@ if __name__ == "__main__":
     old_params = torch.zeros((T, N, 2 * act_dim), device=device)  # pi_old's mean and log-std at every state
     logprobs, rewards, values, terms, dones, valids = (torch.zeros((T, N), device=device) for _ in range(6))
 
-    global_step = 0
+    global_step, first_iteration = 0, 1
     recent_returns = deque(maxlen=20)
-    start_time = time.time()
-    next_obs, _ = envs.reset(seed=args.seed)
+    obs_norm, rew_norm = find_wrapper(envs, vw.NormalizeObservation), find_wrapper(envs, vw.NormalizeReward)
+    checkpoint_path, stop = os.path.join(run_dir, "checkpoint.pt"), StopSignals()
+
+    def checkpoint(iteration):
+        rms = lambda r: {k: torch.as_tensor(np.asarray(getattr(r, k))) for k in ("mean", "var", "count")}
+        save_training_state(checkpoint_path, run_name=run_name, args=args, global_step=global_step,
+                            iteration=iteration, agent=agent, optimizer=optimizer, beta=None,
+                            normalization={"obs_rms": rms(obs_norm.obs_rms), "return_rms": rms(rew_norm.return_rms)},
+                            counters={"recent_returns": list(recent_returns)})
+
+    if state is not None:
+        agent.load_state_dict(state["agent"])
+        optimizer.load_state_dict(state["optimizer"])
+        for rms, saved in ((obs_norm.obs_rms, state["normalization"]["obs_rms"]),
+                           (rew_norm.return_rms, state["normalization"]["return_rms"])):
+            rms.mean, rms.var, rms.count = (saved[k].numpy().astype(np.float64) for k in ("mean", "var", "count"))
+        recent_returns.extend(state["counters"]["recent_returns"])
+        global_step, first_iteration = state["global_step"], state["iteration"] + 1
+        restore_rng(state["rng"])
+        print(f"resuming {run_name} at step {global_step}, update {first_iteration} of {args.num_iterations}")
+
+    def on_non_finite(kind, error, tb):  # sys.excepthook: a NonFinite anywhere ends the run with one line
+        if not issubclass(kind, NonFinite):
+            return sys.__excepthook__(kind, error, tb)
+        writer.close()
+        kept = f"the last good checkpoint {checkpoint_path} is kept" if os.path.exists(checkpoint_path) else \
+            "no checkpoint was written (--checkpoint-every N writes them)"
+        print(f"error: {error}; stopped without training on it; {kept}", file=sys.stderr)
+
+    sys.excepthook = on_non_finite
+    start_time, start_step = time.time(), global_step
+    next_obs, _ = envs.reset(seed=args.seed + global_step)
     next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
     next_valid = torch.ones(N, device=device)
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(first_iteration, args.num_iterations + 1):
         lr_now = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
         optimizer.param_groups[0]["lr"] = lr_now
 
@@ -377,6 +491,8 @@ if __name__ == "__main__":
                 values[step] = agent.get_value(next_obs)
             actions[step], old_params[step] = action, params
             next_obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
+            check_finite("observation", next_obs, global_step)  # stop before a NaN reaches the batch
+            check_finite("reward", reward, global_step)
             done = np.logical_or(term, trunc)
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
             terms[step] = torch.as_tensor(term, dtype=torch.float32, device=device)
@@ -419,6 +535,7 @@ if __name__ == "__main__":
                                     args.vf_clip_coef if args.clip_vloss else None)
                 entropy = dist.entropy().sum(-1).mean()
                 loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
+                check_finite("loss", loss, global_step)
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -430,7 +547,7 @@ if __name__ == "__main__":
         # ---- logging: the exact KL over the whole batch, as FixPO logs it (PPO bounds nothing) ----
         kl = batch_kl(agent, b_obs, b_old_params)
         elapsed = time.time() - start_time
-        sps = int(global_step / elapsed)
+        sps = int((global_step - start_step) / elapsed)
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         for tag, value in {
@@ -449,13 +566,21 @@ if __name__ == "__main__":
         }.items():
             writer.add_scalar(tag, value, global_step)
         ret = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
-        eta = int(elapsed * (args.num_iterations - iteration) / iteration)  # seconds left at the average speed so far
+        eta = int(elapsed * (args.num_iterations - iteration) / (iteration - first_iteration + 1))  # seconds left at the average speed so far
         print(f"step {global_step:8d}/{args.total_timesteps} ({global_step / args.total_timesteps:4.0%})  "
               f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}  sps {sps:5d}  return {ret}  kl_max {kl.max().item():.3f}  "
               f"kl_mean {kl.mean().item():.4f}  clipfrac {np.mean(clipfracs):.3f}")
+        if stop.signum is not None or iteration == args.num_iterations or (
+                args.checkpoint_every and iteration % args.checkpoint_every == 0):
+            check_finite("parameter", torch.cat([p.detach().flatten() for p in agent.parameters()]), global_step)
+            checkpoint(iteration)  # only ever after a complete update with finite parameters
+        if stop.signum is not None:
+            print(f"checkpoint written; continue with: python {sys.argv[0]} --resume {checkpoint_path}", flush=True)
+            writer.close()
+            sys.exit(128 + stop.signum)
 
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.fixpo_model"
+        model_path = os.path.join(run_dir, f"{args.exp_name}.fixpo_model")
         save_checkpoint(model_path, agent, envs, args, global_step)
         print(f"model saved to {model_path}")
         eval_returns = evaluate(model_path, args.eval_episodes, args.seed, args.eval_deterministic, False, device)

@@ -53,7 +53,7 @@ def scalars(run_dir):
 
 def test_every_ablation_of_the_paper_is_here():
     names = {os.path.basename(p) for p in ABLATIONS}
-    assert names == {"fixpo_no_fixup.py", "fixpo_mean_kl.py", "fixpo_fixup_last_epoch.py", "fixpo_constant_beta.py"}
+    assert {"fixpo_no_fixup.py", "fixpo_mean_kl.py", "fixpo_fixup_last_epoch.py", "fixpo_constant_beta.py"} <= names
     assert {os.path.basename(p) for p in BASELINES} == {"ppo_continuous.py", "trpo_continuous.py"}
 
 
