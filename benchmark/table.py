@@ -1,6 +1,8 @@
 """A Markdown table per task from a grid's summary.csv (grid.py's `mujoco` grid writes one).
 
     python benchmark/table.py benchmark/results/mujoco/summary.csv
+    python benchmark/table.py benchmark/results/mujoco/summary.csv benchmark/results/beta_floor/summary.csv \
+        --algorithms fixpo fixpo_beta_floor        # a screen against the default; the difference is first - second
 
 Per task: each algorithm's final return (mean +- sd over seeds, n seeds), FixPO minus PPO-clip with the 95%
 interval of the difference (Welch's t), the median peak-to-final drop of each algorithm (peak_return -
@@ -16,13 +18,14 @@ ALGORITHMS = ["fixpo", "ppo", "trpo"]
 NAMES = {"fixpo": "FixPO", "ppo": "PPO-clip", "trpo": "TRPO"}
 
 
-def read(summary_csv):
-    """{env_id: {algorithm: [row, ...]}} with numbers as floats."""
+def read(*summary_csvs):
+    """{env_id: {algorithm: [row, ...]}} with numbers as floats, from one or more summary files."""
     runs = defaultdict(lambda: defaultdict(list))
-    with open(summary_csv, newline="") as f:
-        for r in csv.DictReader(f):
-            runs[r["env_id"]][r["algorithm"]].append({k: (v if k in ("algorithm", "env_id") else float(v))
-                                                      for k, v in r.items()})
+    for summary_csv in summary_csvs:
+        with open(summary_csv, newline="") as f:
+            for r in csv.DictReader(f):
+                runs[r["env_id"]][r["algorithm"]].append({k: (v if k in ("algorithm", "env_id") else float(v))
+                                                          for k, v in r.items()})
     return runs
 
 
@@ -50,30 +53,38 @@ def fmt_return(rows):
     return f"{finals.mean():.0f}{sd} ({len(finals)})"
 
 
-def table(runs):
-    lines = ["| task | " + " | ".join(f"{NAMES[a]} final (seeds)" for a in ALGORITHMS)
-             + " | FixPO - PPO-clip [95%] | median peak-to-final drop FixPO / PPO-clip / TRPO"
-             + " | FixPO fixup share | FixPO updates inside eps_kl |",
-             "|" + "---|" * (len(ALGORITHMS) + 5)]
+def table(runs, algorithms=ALGORITHMS):
+    """The first algorithm is the one whose fixup share and region are reported; the difference is the first
+    minus the second."""
+    name = lambda a: NAMES.get(a, a)
+    first, second = algorithms[0], algorithms[1]
+    lines = ["| task | " + " | ".join(f"{name(a)} final (seeds)" for a in algorithms)
+             + f" | {name(first)} - {name(second)} [95%] | median peak-to-final drop "
+             + " / ".join(name(a) for a in algorithms)
+             + f" | {name(first)} fixup share | {name(first)} updates inside eps_kl |",
+             "|" + "---|" * (len(algorithms) + 5)]
     for env_id in sorted(runs):
         by = runs[env_id]
-        diff, lo, hi = welch_interval([r["final_return"] for r in by.get("fixpo", [])],
-                                      [r["final_return"] for r in by.get("ppo", [])])
+        diff, lo, hi = welch_interval([r["final_return"] for r in by.get(first, [])],
+                                      [r["final_return"] for r in by.get(second, [])])
         drops = " / ".join(f"{np.median([r['peak_return'] - r['final_return'] for r in by[a]]):.0f}"
-                           if by.get(a) else "-" for a in ALGORITHMS)
-        fixpo = by.get("fixpo", [])
+                           if by.get(a) else "-" for a in algorithms)
+        fixpo = by.get(first, [])
         share = f"{np.mean([r['fixup_share'] for r in fixpo]):.2%}" if fixpo else "-"
         inside = (f"{np.mean([r['updates_in_region'] for r in fixpo]):.2%}, worst "
                   f"{max(r['worst_kl_over_eps'] for r in fixpo):.3f} x eps_kl, "
                   f"{int(sum(r['fallbacks'] for r in fixpo))} fallbacks") if fixpo else "-"
         interval = "-" if np.isnan(diff) else f"{diff:+.0f}" + ("" if np.isnan(lo) else f" [{lo:+.0f}, {hi:+.0f}]")
-        lines.append(f"| {env_id} | " + " | ".join(fmt_return(by.get(a, [])) for a in ALGORITHMS)
+        lines.append(f"| {env_id} | " + " | ".join(fmt_return(by.get(a, [])) for a in algorithms)
                      + f" | {interval} | {drops} | {share} | {inside} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("summary_csv")
+    parser.add_argument("summary_csvs", nargs="+")
+    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, help="columns, in order (at least 2)")
     cli = parser.parse_args()
-    print(table(read(cli.summary_csv)))
+    if len(cli.algorithms) < 2:
+        parser.error("--algorithms needs at least two")
+    print(table(read(*cli.summary_csvs), cli.algorithms))
