@@ -17,6 +17,7 @@ using only a KL penalty and a short "fixup" phase:
 
 Run:       python ablations/fixpo_beta_floor.py --env-id Hopper-v5
 Evaluate:  python ablations/fixpo_beta_floor.py --eval-checkpoint runs/<run_name>/fixpo_beta_floor.fixpo_model
+Docs: docs/fixpo.md (the algorithm as implemented, porting guide)
 """
 import os
 import random

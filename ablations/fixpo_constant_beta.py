@@ -17,6 +17,7 @@ using only a KL penalty and a short "fixup" phase:
 
 Run:       python ablations/fixpo_constant_beta.py --env-id Hopper-v4
 Evaluate:  python ablations/fixpo_constant_beta.py --eval-checkpoint runs/<run_name>/fixpo_constant_beta.fixpo_model
+Docs: docs/fixpo.md (the algorithm as implemented, porting guide)
 """
 import os
 import random

@@ -18,6 +18,7 @@ using only a KL penalty and a short "fixup" phase:
 
 Run:       python ablations/fixpo_fixup_last_epoch.py --env-id Hopper-v4
 Evaluate:  python ablations/fixpo_fixup_last_epoch.py --eval-checkpoint runs/<run_name>/fixpo_fixup_last_epoch.fixpo_model
+Docs: docs/fixpo.md (the algorithm as implemented, porting guide)
 """
 import os
 import random

@@ -18,6 +18,7 @@ using only a KL penalty and a short "fixup" phase:
 
 Run:       python ablations/fixpo_mean_kl.py --env-id Hopper-v4
 Evaluate:  python ablations/fixpo_mean_kl.py --eval-checkpoint runs/<run_name>/fixpo_mean_kl.fixpo_model
+Docs: docs/fixpo.md (the algorithm as implemented, porting guide)
 """
 import os
 import random

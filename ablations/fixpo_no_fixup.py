@@ -17,6 +17,7 @@ using only a KL penalty and a short "fixup" phase:
 
 Run:       python ablations/fixpo_no_fixup.py --env-id Hopper-v4
 Evaluate:  python ablations/fixpo_no_fixup.py --eval-checkpoint runs/<run_name>/fixpo_no_fixup.fixpo_model
+Docs: docs/fixpo.md (the algorithm as implemented, porting guide)
 """
 import os
 import random

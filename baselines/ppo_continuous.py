@@ -8,6 +8,7 @@ sees how far PPO's updates leave the region FixPO guarantees.
 
 Run:       python baselines/ppo_continuous.py --env-id Hopper-v4
 Evaluate:  python baselines/ppo_continuous.py --eval-checkpoint runs/<run_name>/ppo_continuous.fixpo_model
+Docs: docs/fixpo.md (FixPO, and how these baselines are held against the same region: docs/results.md)
 """
 import os
 import random

@@ -10,6 +10,7 @@ algorithm. TRPO bounds the MEAN KL; trust_region/kl_max shows what that allows a
 
 Run:       python baselines/trpo_continuous.py --env-id Hopper-v4
 Evaluate:  python baselines/trpo_continuous.py --eval-checkpoint runs/<run_name>/trpo_continuous.fixpo_model
+Docs: docs/fixpo.md (FixPO, and how these baselines are held against the same region: docs/results.md)
 """
 import os
 import random
