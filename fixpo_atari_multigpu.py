@@ -17,6 +17,9 @@ count of states (no DDP: the fixup phase moves only the actor and takes a data-d
 Lockstep rule: every branch that decides whether a collective happens is decided on a value that came out of
 a collective, so all ranks take the same branches and the same number of steps. Minibatch j is the union of
 every rank's j-th chunk. Rank 0 alone logs and saves; each update checks that all ranks hold the same parameters.
+--checkpoint-every / --resume / SIGINT-SIGTERM / non-finite stops as in fixpo_atari.py: rank 0 writes the checkpoint
+(with every rank's RNG states), every rank loads it (same world size only), and a signal or a non-finite value seen
+by any one rank stops all ranks after the same update or at the same check.
 
 Run (one machine, 2 processes; gloo on CPU, nccl on GPUs, one GPU per process):
     torchrun --standalone --nproc_per_node 2 fixpo_atari_multigpu.py --env-id BreakoutNoFrameskip-v4
@@ -35,6 +38,7 @@ import difflib
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections import deque
@@ -81,6 +85,10 @@ class Args:
     """whole games per evaluation"""
     eval_deterministic: bool = False
     """evaluate with the most likely action (off by default: an argmax policy can stall, e.g. never launch the ball)"""
+    checkpoint_every: int = 0
+    """write runs/{run_name}/checkpoint.pt every N updates and at the end (0: only on SIGINT/SIGTERM)"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt: continue that run, with its arguments, in its run folder and TensorBoard log"""
 
     # Algorithm-specific arguments
     env_id: str = "BreakoutNoFrameskip-v4"
@@ -171,6 +179,7 @@ def check_args(args: Args, world_size: int = 1) -> None:
         (args.fixup_minibatch_size >= 1 and args.fixup_max_passes >= 1, "--fixup-minibatch-size and --fixup-max-passes must be >= 1"),
         (args.max_grad_norm > 0 and args.vf_coef >= 0 and args.ent_coef >= 0, "need --max-grad-norm > 0, --vf-coef >= 0, --ent-coef >= 0"),
         (args.threads >= 1 and args.eval_episodes >= 1, "--threads and --eval-episodes must be >= 1"),
+        (args.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (got {args.checkpoint_every})"),
     ]
     for ok, message in rules:
         if not ok:
@@ -576,13 +585,85 @@ def evaluate(checkpoint_path, eval_episodes, seed, deterministic=False, capture_
     return returns
 
 
+class NonFinite(Exception):
+    """An observation, reward, loss or parameter became NaN or inf: the run stops before training on it."""
+
+
+def check_finite(what, value, global_step):
+    finite = np.isfinite(value).all() if isinstance(value, np.ndarray) else torch.isfinite(value).all()
+    if not finite:
+        raise NonFinite(f"non-finite {what} at step {global_step}")
+
+
+RESUMABLE = ["checkpoint_every", "threads", "cuda", "track", "resume"]  # the only flags a resume may change
+
+
+def save_training_state(path, *, run_name, args, global_step, iteration, agent, optimizer, beta, normalization,
+                        counters):
+    """Everything a continuation needs (the same layout in every script), written atomically: a crash mid-write
+    keeps the previous file. The environments are not saved: a resumed run starts new episodes."""
+    state = {
+        "format": "fixpo-training-state-1", "script": os.path.basename(__file__), "run_name": run_name,
+        "args": vars(args), "global_step": global_step, "iteration": iteration,  # iteration: updates completed
+        "agent": agent.state_dict(), "optimizer": optimizer.state_dict(),
+        "beta": None if beta is None else {"value": beta.value.detach().clone(), "optimizer": beta.optimizer.state_dict()},
+        "normalization": normalization, "counters": counters,
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_training_state(path, cli_args):
+    """The saved state, and the run's saved arguments; a flag given now that would change the run (anything but
+    RESUMABLE) is refused rather than ignored."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        script = state["script"] if state["format"] == "fixpo-training-state-1" else None
+    except Exception as e:
+        raise UsageError(f"cannot read a training state at {path!r} ({type(e).__name__})") from None
+    if script != os.path.basename(__file__):
+        raise UsageError(f"{path!r} was written by {script}, not {os.path.basename(__file__)}")
+    saved, defaults = state["args"], vars(Args())
+    changed = [k for k, v in vars(cli_args).items() if k not in RESUMABLE and v != defaults[k] and v != saved[k]]
+    if changed:
+        raise UsageError("--resume continues a run with its saved arguments; drop "
+                         + ", ".join("--" + k.replace("_", "-") for k in changed))
+    return state, Args(**{**saved, **{k: getattr(cli_args, k) for k in RESUMABLE}})
+
+
+def restore_rng(rng):
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class StopSignals:
+    """SIGINT/SIGTERM set a flag that the loop reads after each update, to checkpoint and exit cleanly; a second
+    signal stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this update (again to stop now)", flush=True)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     # torchrun sets RANK, LOCAL_RANK, WORLD_SIZE (and the rendezvous); plain `python` is a world of one
-    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        check_args(args, args.world_size)  # the same verdict on every rank: all exit, before any collective
+        check_args(args, world)  # the same verdict on every rank: all exit, before any collective
         if args.eval_checkpoint is not None:
             try:
                 torch.load(args.eval_checkpoint, map_location="cpu")["agent"]
@@ -598,9 +679,17 @@ if __name__ == "__main__":
                 import wandb
             except ImportError:
                 raise UsageError("--track needs wandb: pip install wandb") from None
-        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        if rank == 0 and os.path.exists(f"runs/{run_name}"):  # rank 0 alone writes runs/
-            raise UsageError(f"runs/{run_name} exists already; not overwriting it")
+        state, run_name = None, f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        if args.resume is not None:  # every rank reads the same file
+            state, args = load_training_state(args.resume, args)
+            run_name = state["run_name"]
+            if state["args"]["world_size"] != world:  # each rank's envs and RNG states belong to its rank
+                raise UsageError(f"{args.resume!r} was written by {state['args']['world_size']} processes; resume it "
+                                 f"with as many (now {world})")
+        args.world_size = world
+        run_dir = os.path.dirname(os.path.abspath(args.resume)) if state else f"runs/{run_name}"
+        if state is None and rank == 0 and os.path.exists(run_dir):  # rank 0 alone writes runs/
+            raise UsageError(f"{run_dir} exists already; not overwriting it")
         check_env(args.env_id)
     except UsageError as e:
         sys.exit(f"error: {e}" if rank == 0 else 1)  # one line, from rank 0
@@ -622,7 +711,9 @@ if __name__ == "__main__":
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(f"runs/{run_name}")
+        # a resumed run appends to its log; whatever a killed run logged after its checkpoint is dropped
+        writer = SummaryWriter(run_dir, purge_step=None if state is None else state["global_step"] + 1)
+    if rank == 0 and state is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     random.seed(args.seed + rank)
@@ -646,20 +737,60 @@ if __name__ == "__main__":
     old_params = torch.zeros((T, N, num_actions), device=device)  # pi_old's logits at every state
     logprobs, rewards, values, terms, dones, valids = (torch.zeros((T, N), device=device) for _ in range(6))
 
-    global_step, total_primary, total_fixup, fallbacks = 0, 0, 0, 0
+    global_step, total_primary, total_fixup, fallbacks, first_iteration = 0, 0, 0, 0, 1
     recent_returns = deque(maxlen=20)
     scores = GameScores(N)
-    start_time = time.time()
-    next_obs, _ = envs.reset(seed=args.seed + rank * N)  # rank r's envs: seeds seed + rN, ..., seed + rN + N - 1
+    checkpoint_path, stop = os.path.join(run_dir, "checkpoint.pt"), StopSignals()
+
+    def checkpoint(iteration):  # a collective (every rank's RNG states to rank 0), then rank 0 alone writes
+        rng_per_rank = gather_objects({"python": random.getstate(), "numpy": np.random.get_state(),
+                                       "torch": torch.get_rng_state(),
+                                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+        if rank == 0:  # "rng" holds rank 0's states, as in every script; counters["rng_per_rank"] every rank's
+            save_training_state(checkpoint_path, run_name=run_name, args=args, global_step=global_step,
+                                iteration=iteration, agent=agent, optimizer=optimizer, beta=beta,
+                                normalization={},
+                                counters={"primary": total_primary, "fixup": total_fixup, "fallbacks": fallbacks,
+                                          "traced": 0, "recent_returns": list(recent_returns),
+                                          "rng_per_rank": rng_per_rank})
+        all_reduce(torch.zeros(1, device=device))  # every rank returns once the file is written: a rank may exit next
+
+    if state is not None:  # every rank loads the same parameters, optimizer and beta: the ranks start in sync
+        agent.load_state_dict(state["agent"])
+        optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            beta.value.copy_(state["beta"]["value"])
+        beta.optimizer.load_state_dict(state["beta"]["optimizer"])
+        c = state["counters"]
+        total_primary, total_fixup, fallbacks = c["primary"], c["fixup"], c["fallbacks"]
+        recent_returns.extend(c["recent_returns"])
+        global_step, first_iteration = state["global_step"], state["iteration"] + 1
+        restore_rng(c["rng_per_rank"][rank])  # this rank's own states
+        if rank == 0:
+            print(f"resuming {run_name} at step {global_step}, update {first_iteration} of {args.num_iterations}")
+
+    def on_non_finite(kind, error, tb):  # sys.excepthook: a NonFinite anywhere ends the run with one line
+        if not issubclass(kind, NonFinite):
+            return sys.__excepthook__(kind, error, tb)
+        if rank != 0:  # every rank raised it at the same check (lockstep); rank 0 says why
+            return
+        writer.close()
+        kept = f"the last good checkpoint {checkpoint_path} is kept" if os.path.exists(checkpoint_path) else \
+            "no checkpoint was written (--checkpoint-every N writes them)"
+        print(f"error: {error}; stopped without training on it; {kept}", file=sys.stderr)
+
+    sys.excepthook = on_non_finite
+    start_time, start_step = time.time(), global_step
+    next_obs, _ = envs.reset(seed=args.seed + global_step + rank * N)  # rank r's envs: seeds + rN, ..., + rN + N - 1
     next_obs = torch.as_tensor(next_obs, device=device)
     next_valid = torch.ones(N, device=device)
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(first_iteration, args.num_iterations + 1):
         lr_now = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
         optimizer.param_groups[0]["lr"] = lr_now
 
         # ---- rollout with pi_old ----
-        games = []  # (global_step, score, length) of this rank's finished games
+        games, bad_reward_step = [], math.inf  # (global_step, score, length) of this rank's finished games
         for step in range(T):
             global_step += N * args.world_size  # every rank steps its N envs at once
             obs[step], valids[step] = next_obs, next_valid
@@ -670,6 +801,8 @@ if __name__ == "__main__":
                 logprobs[step] = dist.log_prob(action)
             actions[step], old_params[step] = action, params
             next_obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
+            if bad_reward_step == math.inf and not np.isfinite(reward).all():  # frames are uint8: never NaN
+                bad_reward_step = global_step  # told to every rank after the rollout
             done = np.logical_or(term, trunc)  # a life loss is done: it cuts bootstrapping (DQN's convention)
             rewards[step] = torch.as_tensor(np.sign(reward), dtype=torch.float32, device=device)  # learn from clipped rewards
             terms[step] = torch.as_tensor(term, dtype=torch.float32, device=device)
@@ -677,6 +810,10 @@ if __name__ == "__main__":
             next_obs = torch.as_tensor(next_obs, device=device)
             games += [(global_step, score, length) for i, score, length in scores.update(reward, term, trunc, infos["lives"])]
             next_valid = torch.as_tensor(~scores.autoreset_next, dtype=torch.float32, device=device)  # not after a life loss
+        # any rank's non-finite reward stops every rank here, before training on it: one collective per update, not per step
+        first_bad = all_gather(torch.tensor([bad_reward_step], dtype=torch.float64, device=device)).min().item()
+        if first_bad < math.inf:
+            raise NonFinite(f"non-finite reward at step {int(first_bad)}")
 
         with torch.no_grad():
             advantages, returns = compute_gae(rewards, values, agent.get_value(next_obs), terms, dones, valids,
@@ -711,8 +848,12 @@ if __name__ == "__main__":
                 optimizer.zero_grad()
                 if len(mb):  # an empty chunk (a rank with few states) adds nothing but takes part in the collectives
                     (loss * len(mb)).backward()  # this rank's sum; average_gradients makes it the global mean
+                    next(agent.parameters()).grad.add_(loss.detach() * 0)  # NaN if this rank's loss is not finite
                 average_gradients(agent.parameters(), len(mb))
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # on the global gradient: same on all
+                grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # global gradient: same on all
+                # a non-finite loss on any rank makes the all-reduced gradient, hence its norm, non-finite on every rank:
+                # all ranks stop at this check together, with no collective of its own
+                check_finite("loss", grad_norm, global_step)
                 optimizer.step()
                 beta.step(*global_group_max(kl, None, beta.value.numel())[1:])  # on the all-reduced max KL
                 primary_steps += 1
@@ -739,12 +880,23 @@ if __name__ == "__main__":
         # ---- logging: the guarantee, over the whole (global) batch, as the last fixup phase's exit test measured it at
         # the parameters this update ends with (no second pass needed) ----
         kl_max, kl_mean = fix.kl_max, fix.kl_mean
-        games = sorted(g for rank_games in gather_objects(games) for g in rank_games)  # every rank's games
+        rows = gather_objects((games, stop.signum))  # every rank's games and stop signal: no collective of its own
+        games = sorted(g for rank_games, _ in rows for g in rank_games)
+        # torchrun forwards a signal to every rank, but they may see it in different updates: all stop after the update
+        # in which any rank saw one, deciding on the gathered value (lockstep)
+        signum = max((s for _, s in rows if s is not None), default=None)
+        saving = signum is not None or iteration == args.num_iterations or (
+            args.checkpoint_every and iteration % args.checkpoint_every == 0)
         residual = b_returns - b_values
         sums = all_reduce(torch.cat([last_mb.double(), torch.stack([  # the last minibatch's losses, explained variance
             b_returns.new_tensor(len(b_returns)), b_returns.sum(), (b_returns ** 2).sum(), residual.sum(),
             (residual ** 2).sum()]).double()]))
-        if rank != 0:
+        if rank != 0:  # the same checks, and its part of the checkpoint's collectives; rank 0 logs and writes
+            if saving:
+                check_finite("parameter", torch.cat([p.detach().flatten() for p in agent.parameters()]), global_step)
+                checkpoint(iteration)
+            if signum is not None:
+                sys.exit(128 + signum)
             continue
         for step, score, length in games:
             recent_returns.append(score)
@@ -753,7 +905,7 @@ if __name__ == "__main__":
         total_primary += primary_steps
         total_fixup += fixup_steps
         elapsed = time.time() - start_time
-        sps = int(global_step / elapsed)
+        sps = int((global_step - start_step) / elapsed)
         v_loss, pg_loss, entropy = sums[:3] / sums[3]  # the last global minibatch's mean losses
         var_y = (sums[6] / sums[4] - (sums[5] / sums[4]) ** 2).item()
         var_res = (sums[8] / sums[4] - (sums[7] / sums[4]) ** 2).item()
@@ -781,11 +933,19 @@ if __name__ == "__main__":
         }.items():
             writer.add_scalar(tag, value, global_step)
         ret = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
-        eta = int(elapsed * (args.num_iterations - iteration) / iteration)  # seconds left at the average speed so far
+        eta = int(elapsed * (args.num_iterations - iteration) / (iteration - first_iteration + 1))  # seconds left at the average speed so far
         print(f"step {global_step:8d}/{args.total_timesteps} ({global_step / args.total_timesteps:4.0%})  "
               f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}  sps {sps:5d}  return {ret}  kl_max {kl_max:.3f}/{args.eps_kl}  "
               f"beta {float(beta):6.3f}  fixup {fixup_steps:3d}/{primary_steps + fixup_steps}  fallbacks {fallbacks}  "
               f"comm {100 * COMM['seconds'] / elapsed:4.1f}%")
+        if saving:
+            check_finite("parameter", torch.cat([p.detach().flatten() for p in agent.parameters()]), global_step)
+            checkpoint(iteration)  # only ever after a complete update with finite parameters
+        if signum is not None:
+            print(f"checkpoint written; continue with: torchrun --nproc_per_node {args.world_size} {sys.argv[0]} "
+                  f"--resume {checkpoint_path}", flush=True)
+            writer.close()
+            sys.exit(128 + signum)
 
     if tdist.is_initialized():
         tdist.destroy_process_group()  # the collectives are over; rank 0 alone saves and evaluates
@@ -793,7 +953,7 @@ if __name__ == "__main__":
         envs.close()
         sys.exit(0)
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.fixpo_model"
+        model_path = os.path.join(run_dir, f"{args.exp_name}.fixpo_model")
         save_checkpoint(model_path, agent, envs, args, global_step)
         print(f"model saved to {model_path}")
         eval_returns = evaluate(model_path, args.eval_episodes, args.seed, args.eval_deterministic, False, device)

@@ -74,7 +74,8 @@ def test_shared_helpers_are_identical_to_fixpo(path):
 
 # One FixPO API in every script: a script that has one of these helpers has fixpo_continuous.py's source for it,
 # so a fix or a signature change lands everywhere or the test fails. A new training script joins FIXPO_SCRIPTS.
-FIXPO_SCRIPTS = [os.path.join(ROOT, p) for p in ("fixpo_atari.py", "fixpo_metaworld.py")] + ABLATIONS
+FIXPO_SCRIPTS = [os.path.join(ROOT, p) for p in ("fixpo_atari.py", "fixpo_atari_multigpu.py", "fixpo_metaworld.py")] \
+    + ABLATIONS
 FIXPO_HELPERS = ["Beta", "beta_loss", "FixupResult", "fixup_phase", "backtrack_toward_old", "report_fallback",
                  "compute_gae", "kl_per_state", "batch_kl",
                  # checkpoints, --resume, SIGINT/SIGTERM and non-finite stops: one layout and behaviour everywhere
@@ -84,6 +85,9 @@ ALLOWED_DIFFERENCES = {
     # discrete actions: the categorical KL from logits (log_softmax stays finite where a probability underflows), and
     # batch_kl's chunk sized for CNN passes; fixup_phase calls both by name, so its own source is the same
     "fixpo_atari.py": {"kl_per_state", "batch_kl"},
+    # distributed: the fixup phase's exit and violation tests and the last resort's acceptance test read KL statistics
+    # all-reduced over every rank's states; and Atari's logits KL and CNN-sized batch_kl chunks, as fixpo_atari.py
+    "fixpo_atari_multigpu.py": {"fixup_phase", "backtrack_toward_old", "kl_per_state", "batch_kl"},
     # the ablation's idea (ablations/README.md): the region bounds the mean KL, so the fixup phase's exit and
     # violation tests and the last resort's acceptance test use the mean
     "fixpo_mean_kl.py": {"fixup_phase", "backtrack_toward_old"},

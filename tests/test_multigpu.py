@@ -6,6 +6,7 @@ through torchrun, as one machine and as two local "machines".
 import glob
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -279,6 +280,45 @@ def test_two_local_machines(tmp_path):
     logged = scalars((logs[0] + logs[1])[0])
     assert len(logged["trust_region/kl_max"]) == 2 and max(logged["trust_region/kl_max"]) <= EPS_KL
     assert logged["dist/world_size"] == [2, 2]
+
+
+def test_torchrun_sigterm_checkpoints_and_resumes_to_exactly_the_total(tmp_path):
+    """SIGTERM to torchrun (it forwards it to every rank): all ranks stop after the same update, rank 0 writes the
+    checkpoint; a torchrun with --resume continues to exactly the total, each update logged once."""
+    start, batch, total = time.time(), 128, 768  # 6 updates
+    first = subprocess.Popen(["torchrun", "--standalone", "--nproc_per_node", "2", SCRIPT, *TINY, "--total-timesteps",
+                              str(total), "--checkpoint-every", "1"], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env())
+    deadline = time.time() + 90
+    while not glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=90)
+    assert first.returncode != 0 and "checkpoint written" in out, err[-3000:]
+    (ckpt,) = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))
+    state = torch.load(ckpt, weights_only=False)
+    stopped_at, rngs = state["global_step"], state["counters"]["rng_per_rank"]
+    assert 0 < stopped_at < total and f"--resume {os.path.relpath(ckpt, tmp_path)}" in out
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # each rank's own RNG states
+    assert torch.equal(rngs[0]["torch"], state["rng"]["torch"])  # "rng": rank 0's, the layout of every script
+
+    p = subprocess.run([sys.executable, SCRIPT, "--resume", ckpt], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60, env=env())  # a world of one
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"error: {ckpt!r} was written by 2 processes; resume it with as many (now 1)"]
+
+    second = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", SCRIPT, "--resume", ckpt],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env())
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"at step {stopped_at}" in second.stdout
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))  # the same run folder, nothing new
+    from test_resume import scalar_events
+
+    kl = scalar_events(run_dir, "trust_region/kl_max")
+    assert [s for s, _ in kl] == list(range(batch, total + 1, batch))  # every update once: nothing lost or duplicated
+    assert max(v for _, v in kl) <= EPS_KL
+    assert torch.load(ckpt, weights_only=False)["global_step"] == total
+    print(f"torchrun SIGTERM + resume: {time.time() - start:.1f}s")
 
 
 # ---- bad input: one line, before any collective ----
