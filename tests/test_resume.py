@@ -47,6 +47,7 @@ def test_interrupted_run_resumes_to_exactly_the_total(case, tmp_path):
     deadline = time.time() + 120
     while not glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt")) and time.time() < deadline:
         time.sleep(0.02)
+    assert first.poll() is None, "the run ended before its first checkpoint could be interrupted"
     first.send_signal(sig)
     out, err = first.communicate(timeout=120)
     assert first.returncode == 128 + sig, err
