@@ -11,7 +11,10 @@
 Every run is one process with one torch thread (`--threads 1`), started in OUT (so its TensorBoard log is
 OUT/runs/{env_id}__{label}__{seed}__{time}) with stdout/stderr in OUT/logs/{label}__{env_id}__{seed}.*.
 A run that exited 0 gets OUT/logs/....done (holding its run directory) and is skipped next time; a run
-that failed or was killed is started afresh, in a new run directory: nothing written is overwritten.
+that failed or was killed is started afresh, in a new run directory: nothing written is overwritten. Grids
+with a `checkpoint_every` (Atari: hours a run) instead resume an unfinished run from the checkpoint.pt in its
+run directory; to carry one across machines, stop its process with SIGTERM (it writes a checkpoint) and copy
+or `git add -f` that run directory.
 At the end, every finished run goes into OUT/scalars.csv (benchmark/collect.py); draw it with
 benchmark/plots.py.
 """
@@ -54,9 +57,9 @@ GRIDS = {
     # Atari learning evidence: Pong and Breakout at 2M agent steps on a CPU (hours a run), or 10M on a GPU machine
     # (benchmark/atari_gpu.sh); kept scalars and summary.csv as in "mujoco"
     "atari2m": dict(runs={"fixpo": ("fixpo_atari.py", [])}, env_ids=["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"],
-                    seeds=[1, 2], total_timesteps=2000000, order="seed", keep_scalars=True),
+                    seeds=[1, 2], total_timesteps=2000000, order="seed", keep_scalars=True, checkpoint_every=10),
     "atari10m": dict(runs={"fixpo": ("fixpo_atari.py", [])}, env_ids=["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"],
-                     seeds=[1], total_timesteps=10000000, order="seed", keep_scalars=True),
+                     seeds=[1], total_timesteps=10000000, order="seed", keep_scalars=True, checkpoint_every=10),
     # screen for the mujoco grid's FixPO rows (Hopper-v5, Walker2d-v5, seeds 1-5): a floor under beta
     "beta_floor": dict(runs={"fixpo_beta_floor": ("ablations/fixpo_beta_floor.py", [])},
                        env_ids=["Hopper-v5", "Walker2d-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
@@ -105,17 +108,27 @@ def keep_scalars(out, label, env_id, seed, run_dir):
     os.replace(path + ".tmp", path)
 
 
-def launch(out, label, script, flags, env_id, seed, total_timesteps, python=sys.executable, keep=False):
+def launch(out, label, script, flags, env_id, seed, total_timesteps, python=sys.executable, keep=False,
+           checkpoint_every=None):
     """One run, blocking. Returns (label, env_id, seed, exit code)."""
     base = log_base(out, label, env_id, seed)
+    os.makedirs(os.path.dirname(base), exist_ok=True)
     attempt = len(glob.glob(base + ".*.log"))  # earlier failed attempts keep their logs
-    cmd = [python, os.path.join(ROOT, script), "--env-id", env_id, "--seed", str(seed), "--exp-name", label,
-           "--total-timesteps", str(total_timesteps), "--threads", "1", *flags]
-    before = set(glob.glob(os.path.join(out, "runs", f"{env_id}__{label}__{seed}__*")))
+    pattern = os.path.join(out, "runs", f"{env_id}__{label}__{seed}__*")
+    checkpoints = sorted(glob.glob(os.path.join(pattern, "checkpoint.pt")), key=os.path.getmtime)
+    if checkpoint_every and checkpoints:  # continue the unfinished run, into its own run directory
+        cmd = [python, os.path.join(ROOT, script), "--resume", checkpoints[-1], "--threads", "1",
+               "--checkpoint-every", str(checkpoint_every)]
+    else:
+        cmd = [python, os.path.join(ROOT, script), "--env-id", env_id, "--seed", str(seed), "--exp-name", label,
+               "--total-timesteps", str(total_timesteps), "--threads", "1", *flags]
+        cmd += ["--checkpoint-every", str(checkpoint_every)] if checkpoint_every else []
+    before = set(glob.glob(pattern))
     with open(f"{base}.{attempt}.log", "w") as stdout, open(f"{base}.{attempt}.err", "w") as stderr:
         code = subprocess.call(cmd, cwd=out, stdout=stdout, stderr=stderr)
     if code == 0:
-        (run_dir,) = set(glob.glob(os.path.join(out, "runs", f"{env_id}__{label}__{seed}__*"))) - before
+        new = set(glob.glob(pattern)) - before
+        (run_dir,) = new if new else [os.path.dirname(checkpoints[-1])]
         with open(base + ".done.tmp", "w") as f:
             f.write(os.path.relpath(run_dir, out) + "\n")
         os.replace(base + ".done.tmp", base + ".done")
@@ -124,7 +137,8 @@ def launch(out, label, script, flags, env_id, seed, total_timesteps, python=sys.
     return label, env_id, seed, code
 
 
-def run_grid(out, runs, env_ids, seeds, total_timesteps, jobs, python=sys.executable, order="label", keep=False):
+def run_grid(out, runs, env_ids, seeds, total_timesteps, jobs, python=sys.executable, order="label", keep=False,
+             checkpoint_every=None):
     """Run every unfinished (label, env_id, seed) of the grid, `jobs` at a time; returns the failures."""
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     everything = plan(runs, env_ids, seeds, order)
@@ -132,7 +146,8 @@ def run_grid(out, runs, env_ids, seeds, total_timesteps, jobs, python=sys.execut
     print(f"{len(everything) - len(todo)} runs finished already, {len(todo)} to run, {jobs} at a time", flush=True)
     start, failures = time.time(), []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(launch, out, label, script, flags, env_id, seed, total_timesteps, python, keep)
+        futures = [pool.submit(launch, out, label, script, flags, env_id, seed, total_timesteps, python, keep,
+                               checkpoint_every)
                    for label, script, flags, env_id, seed in todo]
         for f in futures:
             label, env_id, seed, code = f.result()
@@ -201,6 +216,6 @@ if __name__ == "__main__":
         collect_finished(out, grid["runs"], grid["env_ids"], grid["seeds"], keep)
         sys.exit(0)
     failures = run_grid(out, grid["runs"], grid["env_ids"], grid["seeds"], grid["total_timesteps"], cli.jobs,
-                        order=grid.get("order", "label"), keep=keep)
+                        order=grid.get("order", "label"), keep=keep, checkpoint_every=grid.get("checkpoint_every"))
     collect_finished(out, grid["runs"], grid["env_ids"], grid["seeds"], keep)
     sys.exit(1 if failures else 0)
