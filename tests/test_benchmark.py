@@ -239,3 +239,36 @@ def test_algorithm_figures_are_pngs(synthetic):
     collect.collect(glob.glob(str(synthetic / "runs" / "*")), path)
     written = plots.make_plots(path, str(synthetic / "fig3"), kind="algorithms")
     assert sorted(os.path.basename(p) for p in written) == ["fig3_kl_max_over_eps.png", "fig3_returns.png"]
+
+
+FAKE_RESUMABLE = textwrap.dedent("""
+    # stands in for an Atari script: the first run writes checkpoint.pt and is "killed"; --resume finishes it
+    import os, sys, time
+    from torch.utils.tensorboard import SummaryWriter
+    a = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+    assert a["--checkpoint-every"] == "10"
+    if "--resume" in a:
+        assert set(a) == {"--resume", "--threads", "--checkpoint-every"}  # a resume takes the run's saved flags
+        w = SummaryWriter(os.path.dirname(a["--resume"]))
+        w.add_scalar("charts/SPS", 2.0, 2)
+        w.close()
+        sys.exit(0)
+    run_dir = f"runs/{a['--env-id']}__{a['--exp-name']}__{a['--seed']}__{time.time_ns()}"
+    w = SummaryWriter(run_dir)
+    w.add_scalar("charts/SPS", 1.0, 1)
+    w.close()
+    open(os.path.join(run_dir, "checkpoint.pt"), "w").close()
+    sys.exit(143)
+""")
+
+
+def test_grid_with_checkpoints_resumes_an_unfinished_run_in_its_own_directory(tmp_path):
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_RESUMABLE)
+    out = str(tmp_path / "out")
+    runs = {"fixpo": (str(script), [])}
+    assert grid.run_grid(out, runs, ["PongNoFrameskip-v4"], [1], 100, jobs=1, checkpoint_every=10)  # "killed"
+    (run_dir,) = glob.glob(os.path.join(out, "runs", "*"))
+    assert grid.run_grid(out, runs, ["PongNoFrameskip-v4"], [1], 100, jobs=1, checkpoint_every=10) == []
+    assert glob.glob(os.path.join(out, "runs", "*")) == [run_dir]  # continued, not started afresh
+    assert grid.finished(out, "fixpo", "PongNoFrameskip-v4", 1) == os.path.relpath(run_dir, out)

@@ -226,6 +226,9 @@ TINY = ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4", "--upd
         "--dist-timeout", "60"]  # 2 ranks x 1 env x 64 steps: two updates of 128 states
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the venv's torchrun, whether or not the venv is on PATH
+
+
 def env():
     return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
@@ -241,7 +244,7 @@ def scalars(run_dir):
 def test_torchrun_two_ranks_keep_every_update_inside(tmp_path):
     start = time.time()
     # 128 steps per env: near-random Breakout games end in ~200 steps, so each rank finishes games to report
-    p = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", SCRIPT, *TINY, "--seed", "3",
+    p = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", SCRIPT, *TINY, "--seed", "3",
                         "--num-steps", "128", "--total-timesteps", "512", "--save-model", "--eval-episodes", "1"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=150, env=env())
     assert p.returncode == 0, p.stderr[-3000:]
@@ -269,7 +272,7 @@ def test_two_local_machines(tmp_path):
         cwd = tmp_path / f"node{node}"
         cwd.mkdir()
         procs.append(subprocess.Popen(
-            ["torchrun", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+            [*TORCHRUN, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "fixpo-test", SCRIPT, *TINY],
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()))
     outputs = [proc.communicate(timeout=150) for proc in procs]
@@ -286,7 +289,7 @@ def test_torchrun_sigterm_checkpoints_and_resumes_to_exactly_the_total(tmp_path)
     """SIGTERM to torchrun (it forwards it to every rank): all ranks stop after the same update, rank 0 writes the
     checkpoint; a torchrun with --resume continues to exactly the total, each update logged once."""
     start, batch, total = time.time(), 128, 768  # 6 updates
-    first = subprocess.Popen(["torchrun", "--standalone", "--nproc_per_node", "2", SCRIPT, *TINY, "--total-timesteps",
+    first = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node", "2", SCRIPT, *TINY, "--total-timesteps",
                               str(total), "--checkpoint-every", "1"], cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env())
     deadline = time.time() + 90
@@ -307,7 +310,7 @@ def test_torchrun_sigterm_checkpoints_and_resumes_to_exactly_the_total(tmp_path)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
         f"error: {ckpt!r} was written by 2 processes; resume it with as many (now 1)"]
 
-    second = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", SCRIPT, "--resume", ckpt],
+    second = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", SCRIPT, "--resume", ckpt],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env())
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"at step {stopped_at}" in second.stdout
