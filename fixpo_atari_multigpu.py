@@ -780,6 +780,14 @@ if __name__ == "__main__":
         print(f"error: {error}; stopped without training on it; {kept}", file=sys.stderr)
 
     sys.excepthook = on_non_finite
+
+    def leave(code):  # a rank other than 0 ends here: its part is done, rank 0 writes the rest
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+        envs.close()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)  # as multiprocessing's workers do: skip interpreter teardown, where a C++ thread (gloo's, the
+        # ALE's) destroyed out of order can abort the finished rank with SIGABRT
     start_time, start_step = time.time(), global_step
     next_obs, _ = envs.reset(seed=args.seed + global_step + rank * N)  # rank r's envs: seeds + rN, ..., + rN + N - 1
     next_obs = torch.as_tensor(next_obs, device=device)
@@ -896,7 +904,7 @@ if __name__ == "__main__":
                 check_finite("parameter", torch.cat([p.detach().flatten() for p in agent.parameters()]), global_step)
                 checkpoint(iteration)
             if signum is not None:
-                sys.exit(128 + signum)
+                leave(128 + signum)
             continue
         for step, score, length in games:
             recent_returns.append(score)
@@ -945,13 +953,13 @@ if __name__ == "__main__":
             print(f"checkpoint written; continue with: torchrun --nproc_per_node {args.world_size} {sys.argv[0]} "
                   f"--resume {checkpoint_path}", flush=True)
             writer.close()
+            tdist.destroy_process_group() if tdist.is_initialized() else None
             sys.exit(128 + signum)
 
-    if tdist.is_initialized():
-        tdist.destroy_process_group()  # the collectives are over; rank 0 alone saves and evaluates
+    if tdist.is_initialized():  # the collectives are over (every rank is here); rank 0 alone saves and evaluates
+        tdist.destroy_process_group()
     if rank != 0:
-        envs.close()
-        sys.exit(0)
+        leave(0)
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.fixpo_model")
         save_checkpoint(model_path, agent, envs, args, global_step)
