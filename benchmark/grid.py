@@ -64,6 +64,11 @@ GRIDS = {
     "beta_floor": dict(runs={"fixpo_beta_floor": ("ablations/fixpo_beta_floor.py", [])},
                        env_ids=["Hopper-v5", "Walker2d-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
                        order="seed", keep_scalars=True),
+    # screen for the mujoco grid's FixPO rows on the two tasks whose fixup share passes 3% (HalfCheetah-v5,
+    # Swimmer-v5): beta's Adam at 3x the rate, so beta follows the batch's max KL with less lag
+    "beta_lr": dict(runs={"fixpo_beta_lr0.03": (FIXPO, ["--beta-lr", "0.03"])},
+                    env_ids=["HalfCheetah-v5", "Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
+                    order="seed", keep_scalars=True),
     "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
                         **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
                   env_ids=MUJOCO6, seeds=list(range(1, 11)), total_timesteps=3000000),
