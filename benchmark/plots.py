@@ -20,6 +20,7 @@ of the seeds' min to max on the log-scale kl_max figure.
 With --kind algorithms (the `mujoco` grid), only:
   fig3_returns.png       return against steps per task, mean and 95% t-interval over seeds (paper Fig. 3)
   fig3_kl_max_over_eps.png  kl_max / eps_kl per update, log scale: only FixPO stays below 1
+With --kind atari, the same pair as atari_returns.png and atari_kl_max_over_eps.png (whole-game scores).
 Needs matplotlib: pip install -r benchmark/requirements.txt
 """
 import argparse
@@ -242,15 +243,16 @@ def task_figure(plt, data, prefix="tasks/success_rate/", title="success rate", y
     return fig
 
 
-def algorithm_figures(plt, data, eps_kl=0.2):
+def algorithm_figures(plt, data, eps_kl=0.2, prefix="fig3", episodes="episodes"):
     """Paper Fig. 3 for the `mujoco` grid: return against steps per task (mean, 95% t-interval over seeds), and
-    kl_max / eps_kl per update (log scale, the seeds' min to max), in a 2 x 3 grid of panels."""
+    kl_max / eps_kl per update (log scale, the seeds' min to max), in a 2 x 3 grid of panels. Atari: the same
+    pair, of whole-game scores, prefixed atari_."""
     return {
-        "fig3_returns": curve_figure(plt, data, "charts/episodic_return",
-                                     "Return (mean of the last 20 episodes): mean and 95% interval over seeds",
-                                     "episodic return", transform=lambda v, run, e: running_mean(v), spread="t95",
-                                     cols=3),
-        "fig3_kl_max_over_eps": curve_figure(plt, data, "trust_region/kl_max",
+        f"{prefix}_returns": curve_figure(plt, data, "charts/episodic_return",
+                                          f"Return (mean of the last 20 {episodes}): mean and 95% interval over seeds",
+                                          "episodic return", transform=lambda v, run, e: running_mean(v),
+                                          spread="t95", cols=3),
+        f"{prefix}_kl_max_over_eps": curve_figure(plt, data, "trust_region/kl_max",
                                              "kl_max / eps_kl after each policy update (the largest in each of 200 bins; "
                                              "band: seeds' min to max); above 1 = outside the region", "kl_max / eps_kl",
                                              transform=lambda v, run, e: v / eps_kl_of(run, e), logy=True, hline=1.0,
@@ -267,7 +269,8 @@ def make_plots(csv_path, out_dir, eps_kl=0.2, kind="all"):
 
     data = load(csv_path)
     os.makedirs(out_dir, exist_ok=True)
-    figures = algorithm_figures(plt, data, eps_kl) if kind == "algorithms" else {
+    figures = algorithm_figures(plt, data, eps_kl) if kind == "algorithms" else algorithm_figures(
+        plt, data, eps_kl, "atari", "whole games") if kind == "atari" else {
         "returns_vs_steps": curve_figure(plt, data, "charts/episodic_return", "Return", "episodic return (last 20)",
                                          transform=lambda v, run, e: running_mean(v)),
         "returns_vs_time": curve_figure(plt, data, "charts/episodic_return", "Return against wall-clock time",
@@ -304,8 +307,9 @@ if __name__ == "__main__":
     parser.add_argument("csv", help="the CSV written by collect.py")
     parser.add_argument("--out", required=True, help="folder for the PNGs")
     parser.add_argument("--eps-kl", type=float, default=0.2, help="the region for runs that log no eps_kl (baselines)")
-    parser.add_argument("--kind", choices=["all", "algorithms"], default="all",
-                        help="algorithms: only the paper's Fig. 3 pair (fig3_returns.png, fig3_kl_max_over_eps.png)")
+    parser.add_argument("--kind", choices=["all", "algorithms", "atari"], default="all",
+                        help="algorithms: only the paper's Fig. 3 pair (fig3_returns.png, fig3_kl_max_over_eps.png); "
+                             "atari: the same pair of whole-game scores (atari_returns.png, atari_kl_max_over_eps.png)")
     cli = parser.parse_args()
     for path in make_plots(cli.csv, cli.out, cli.eps_kl, cli.kind):
         print(path)
