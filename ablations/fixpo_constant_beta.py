@@ -343,23 +343,25 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
     the minibatches and take one step on L_KL (no policy-gradient term) on each that violates.
     Termination, bounded: a fresh Adam by default (independent of the primary phase's state; pass
     `optimizer` to share the primary phase's, as the authors do), its rate halved when a pass lowers neither
-    L_KL (the mean KL the steps optimise) nor the excess sum_s max(KL(s) - eps_kl, 0) (either test alone fails
-    an instance in tests/data/), and after `max_passes` the last resort `backtrack_toward_old`, which always
+    L_KL (the mean KL the steps optimise) nor the excess sum_s max(KL(s) - eps_kl, 0) below the previous pass's
+    (either test alone fails an instance in tests/data/), and after `max_passes` the last resort `backtrack_toward_old`, which always
     succeeds because KL = 0 at theta_old.
     `state_group`: each state's beta index (multi-task beta_k; None: one shared beta); the exit test still covers
     every state. `on_step`: called with 1 after every KL step (to trace it).
     """
     if optimizer is None:
         optimizer = torch.optim.Adam(agent.actor_parameters(), lr=lr, fused=True)
-    steps, passes, best_mean, best_excess, scale = 0, 0, float("inf"), float("inf"), 1.0
+    steps, passes, prev_mean, prev_excess, scale = 0, 0, float("inf"), float("inf"), 1.0
     while True:
         kl = batch_kl(agent, obs, old_params)
         kl_max, kl_mean, excess = kl.max().item(), kl.mean().item(), (kl - eps_kl).clamp(min=0).sum().item()
         if kl_max <= eps_kl or passes == max_passes:  # NaN never passes the first test
             break
-        if not (kl_mean < best_mean or excess < best_excess):  # a plateau: smaller steps (slow progress keeps them)
+        # no progress since the previous pass (neither lower): smaller steps. Against the previous pass, not the best
+        # so far: after one overshoot, steady progress would never beat the best and the rate would collapse
+        if not (kl_mean < prev_mean or excess < prev_excess):
             scale *= 0.5
-        best_mean, best_excess = min(best_mean, kl_mean), min(best_excess, excess)
+        prev_mean, prev_excess = kl_mean, excess
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
         for idx in torch.randperm(len(obs), device=obs.device).split(minibatch_size):
