@@ -69,6 +69,10 @@ GRIDS = {
     "beta_lr": dict(runs={"fixpo_beta_lr0.03": (FIXPO, ["--beta-lr", "0.03"])},
                     env_ids=["HalfCheetah-v5", "Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
                     order="seed", keep_scalars=True),
+    # screen on the same two tasks: each fixup step on L_KL plus the excess over eps_kl (ablations/fixpo_excess_fixup.py)
+    "excess_fixup": dict(runs={"fixpo_excess_fixup": ("ablations/fixpo_excess_fixup.py", [])},
+                         env_ids=["HalfCheetah-v5", "Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
+                         order="seed", keep_scalars=True),
     "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
                         **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
                   env_ids=MUJOCO6, seeds=list(range(1, 11)), total_timesteps=3000000),

@@ -91,6 +91,7 @@ ALLOWED_DIFFERENCES = {
     # the ablation's idea (ablations/README.md): the region bounds the mean KL, so the fixup phase's exit and
     # violation tests and the last resort's acceptance test use the mean
     "fixpo_mean_kl.py": {"fixup_phase", "backtrack_toward_old"},
+    "fixpo_excess_fixup.py": {"fixup_phase"},  # its one idea: the fixup step's loss
 }
 
 
@@ -160,6 +161,20 @@ def test_mean_kl_ablation_bounds_the_mean_but_not_every_state():
     after = independent_gaussian_kl(old_params, agent.dist_params(obs).detach())
     assert after.mean() <= 0.2 * (1 + 1e-5)
     assert after.max() > 0.2  # the ablated guarantee: single states are left outside
+
+
+@pytest.mark.parametrize("fixture", ["fixup_overshoot_then_steady", "fixup_single_violator", "fixup_mean_at_minimum"])
+def test_excess_fixup_ablation_keeps_every_state_inside(fixture):
+    """The ablation changes only the fixup step's loss: its exit test, hence the guarantee, is FixPO's."""
+    excess = load(os.path.join(ROOT, "ablations", "fixpo_excess_fixup.py"))
+    e = torch.load(os.path.join(ROOT, "tests", "data", fixture + ".pt"))
+    agent = excess.Agent(e["obs"].shape[1], e["old_params"].shape[1] // 2)
+    agent.load_state_dict(e["agent"], strict=False)
+    torch.manual_seed(0)
+    result = excess.fixup_phase(agent, e["obs"], e["old_params"], e["theta_old"], excess.Beta(1.0, 0.01, 0.2, 3.0, 100.0),
+                                e["eps_kl"], e["minibatch_size"], e["lr"], e["max_passes"])
+    assert not result.fallback
+    assert independent_gaussian_kl(e["old_params"], agent.dist_params(e["obs"]).detach()).max() <= e["eps_kl"] * (1 + 1e-5)
 
 
 # ---- TRPO ----
