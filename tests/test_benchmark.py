@@ -274,3 +274,10 @@ def test_grid_with_checkpoints_resumes_an_unfinished_run_in_its_own_directory(tm
     assert grid.run_grid(out, runs, ["PongNoFrameskip-v4"], [1], 100, jobs=1, checkpoint_every=10) == []
     assert glob.glob(os.path.join(out, "runs", "*")) == [run_dir]  # continued, not started afresh
     assert grid.finished(out, "fixpo", "PongNoFrameskip-v4", 1) == os.path.relpath(run_dir, out)
+
+
+def test_training_seconds_leaves_out_the_pause_of_a_resumed_run():
+    steady = [100.0 + 2.0 * i for i in range(50)]  # an update every 2 s: 98 s
+    assert collect.training_seconds(steady) == pytest.approx(98.0)
+    resumed = steady + [100000.0 + 2.0 * i for i in range(50)]  # stopped, resumed a day later
+    assert collect.training_seconds(resumed) == pytest.approx(98.0 + 2.0 + 98.0)
