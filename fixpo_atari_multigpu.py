@@ -769,7 +769,8 @@ if __name__ == "__main__":
         global_step, first_iteration = state["global_step"], state["iteration"] + 1
         restore_rng(c["rng_per_rank"][rank])  # this rank's own states
         if rank == 0:
-            print(f"resuming {run_name} at step {global_step}, update {first_iteration} of {args.num_iterations}")
+            print(f"resuming {run_name} at step {global_step}, " + (f"update {first_iteration} of {args.num_iterations}"
+                  if first_iteration <= args.num_iterations else "every update done: finishing (model, evaluation)"))
 
     def on_non_finite(kind, error, tb):  # sys.excepthook: a NonFinite anywhere ends the run with one line
         if not issubclass(kind, NonFinite):
@@ -905,7 +906,8 @@ if __name__ == "__main__":
             if saving:
                 check_finite("parameter", torch.cat([p.detach().flatten() for p in agent.parameters()]), global_step)
                 checkpoint(iteration)
-            if signum is not None:
+            if signum is not None:  # wait for rank 0 to finish its log: torchrun stops every rank once one exits
+                all_reduce(torch.zeros(1, device=device))
                 leave(128 + signum)
             continue
         for step, score, length in games:
@@ -955,7 +957,9 @@ if __name__ == "__main__":
             print(f"checkpoint written; continue with: torchrun --nproc_per_node {args.world_size} {sys.argv[0]} "
                   f"--resume {checkpoint_path}", flush=True)
             writer.close()
+            all_reduce(torch.zeros(1, device=device))  # the log is written: now every rank may exit
             tdist.destroy_process_group() if tdist.is_initialized() else None
+            envs.close()
             sys.exit(128 + signum)
 
     if tdist.is_initialized():  # the collectives are over (every rank is here); rank 0 alone saves and evaluates

@@ -682,7 +682,8 @@ if __name__ == "__main__":
         recent_success.extend(c["recent_success"])
         global_step, first_iteration = state["global_step"], state["iteration"] + 1
         restore_rng(state["rng"])
-        print(f"resuming {run_name} at step {global_step}, update {first_iteration} of {args.num_iterations}")
+        print(f"resuming {run_name} at step {global_step}, " + (f"update {first_iteration} of {args.num_iterations}"
+              if first_iteration <= args.num_iterations else "every update done: finishing (model, evaluation)"))
 
     def on_non_finite(kind, error, tb):  # sys.excepthook: a NonFinite anywhere ends the run with one line
         if not issubclass(kind, NonFinite):

@@ -24,12 +24,12 @@ EDITS = [  # (anchor in CleanRL's file, replacement)
     ("import gymnasium as gym\n", "import gymnasium as gym\nimport ale_py\nimport signal\n\ngym.register_envs(ale_py)\n"),
     ("gym.wrappers.GrayScaleObservation(env)", "gym.wrappers.GrayscaleObservation(env)"),
     ("gym.wrappers.FrameStack(env, 4)", "gym.wrappers.FrameStackObservation(env, 4)"),
-    ("    num_iterations: int = 0\n", "    num_iterations: int = 0\n"
+    ('    """the number of iterations (computed in runtime)"""\n', '    """the number of iterations (computed in runtime)"""\n'
      '    checkpoint_every: int = 0\n    """write runs/{run_name}/checkpoint.pt every N updates (0: only on SIGTERM/SIGINT)"""\n'
      '    resume: str = ""\n    """continue the run saved in this checkpoint (its own arguments are used)"""\n'),
     ("    args = tyro.cli(Args)\n",
      "    args = tyro.cli(Args)\n"
-     "    ck = torch.load(args.resume, weights_only=False) if args.resume else None\n"
+     "    ck = torch.load(args.resume, map_location='cpu', weights_only=False) if args.resume else None\n"
      "    if ck is not None:  # the saved run's arguments, but this invocation's checkpoint/resume flags\n"
      "        args = Args(**{**ck['args'], 'checkpoint_every': args.checkpoint_every, 'resume': args.resume})\n"),
     ('    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"\n',
@@ -50,6 +50,7 @@ EDITS = [  # (anchor in CleanRL's file, replacement)
      "        global_step, first_iteration = ck['global_step'], ck['iteration'] + 1\n"
      "        random.setstate(ck['rng'][0]), np.random.set_state(ck['rng'][1]), torch.set_rng_state(ck['rng'][2])\n"
      "        start_time -= ck['elapsed']\n"
+     "        next_obs = torch.Tensor(envs.reset(seed=args.seed + global_step)[0]).to(device)  # new games, new seeds\n"
      "        print(f'resuming {run_name} at step {global_step}', flush=True)\n"),
     ("    for iteration in range(1, args.num_iterations + 1):\n",
      "    for iteration in range(first_iteration, args.num_iterations + 1):\n"),

@@ -95,17 +95,19 @@ def summary_row(run, eps_kl_default=0.2, window=20):
             "peak_return": means.max(), "worst_kl_over_eps": kl_max.max() / eps_kl,
             "updates_in_region": float(np.mean(kl_max <= eps_kl)),
             "fixup_share": fixup / max(primary + fixup, 1), "fallbacks": int(fallbacks[-1]) if len(fallbacks) else 0,
-            "wall_s": training_seconds([w for _, w, _ in events])}
+            "wall_s": training_seconds([w for _, w, _ in events], [w for _, w, _ in run.get("charts/SPS", [])])}
 
 
-def training_seconds(wall_times, gap=300.0):
+def training_seconds(wall_times, update_times=(), gap=3600.0):
     """Seconds from a run's first logged event to its last, less the pauses of a run resumed from a checkpoint:
-    a silence longer than `gap` seconds and 20 times the median interval counts as one median interval."""
+    a silence longer than `gap` seconds and 20 updates (the median interval of `update_times`, one event per
+    update) counts as one update."""
     walls = np.sort(np.asarray(wall_times, dtype=float))
     deltas = np.diff(walls)
     if len(deltas) == 0:
         return 0.0
-    typical = float(np.median(deltas))
+    per_update = np.diff(np.sort(np.asarray(update_times, dtype=float)))
+    typical = float(np.median(per_update)) if len(per_update) else float(np.median(deltas))
     return float(np.where(deltas > max(gap, 20 * typical), typical, deltas).sum())
 
 

@@ -56,9 +56,9 @@ GRIDS = {
                    total_timesteps=1000000, order="seed", keep_scalars=True),
     # Atari learning evidence: Pong and Breakout at 2M agent steps on a CPU (hours a run), or 10M on a GPU machine
     # (benchmark/atari_gpu.sh); kept scalars and summary.csv as in "mujoco"
-    "atari2m": dict(runs={"fixpo": ("fixpo_atari.py", [])}, env_ids=["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"],
+    "atari2m": dict(out="atari", runs={"fixpo": ("fixpo_atari.py", [])}, env_ids=["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"],
                     seeds=[1, 2], total_timesteps=2000000, order="seed", keep_scalars=True, checkpoint_every=10),
-    "atari10m": dict(runs={"fixpo": ("fixpo_atari.py", [])}, env_ids=["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"],
+    "atari10m": dict(out="atari", runs={"fixpo": ("fixpo_atari.py", [])}, env_ids=["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"],
                      seeds=[1], total_timesteps=10000000, order="seed", keep_scalars=True, checkpoint_every=10),
     # screen for the mujoco grid's FixPO rows (Hopper-v5, Walker2d-v5, seeds 1-5): a floor under beta
     "beta_floor": dict(runs={"fixpo_beta_floor": ("ablations/fixpo_beta_floor.py", [])},
@@ -69,9 +69,10 @@ GRIDS = {
     "beta_lr": dict(runs={"fixpo_beta_lr0.03": (FIXPO, ["--beta-lr", "0.03"])},
                     env_ids=["HalfCheetah-v5", "Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
                     order="seed", keep_scalars=True),
-    # screen on the same two tasks: each fixup step on L_KL plus the excess over eps_kl (ablations/fixpo_excess_fixup.py)
+    # screen on those two tasks and InvertedDoublePendulum-v5 (fixup share 7.8%): each fixup step on L_KL plus the
+    # excess over eps_kl (ablations/fixpo_excess_fixup.py)
     "excess_fixup": dict(runs={"fixpo_excess_fixup": ("ablations/fixpo_excess_fixup.py", [])},
-                         env_ids=["HalfCheetah-v5", "Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
+                         env_ids=["HalfCheetah-v5", "Swimmer-v5", "InvertedDoublePendulum-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
                          order="seed", keep_scalars=True),
     "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
                         **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
@@ -124,7 +125,9 @@ def launch(out, label, script, flags, env_id, seed, total_timesteps, python=sys.
     os.makedirs(os.path.dirname(base), exist_ok=True)
     attempt = len(glob.glob(base + ".*.log"))  # earlier failed attempts keep their logs
     pattern = os.path.join(out, "runs", f"{env_id}__{label}__{seed}__*")
-    checkpoints = sorted(glob.glob(os.path.join(pattern, "checkpoint.pt")), key=os.path.getmtime)
+    # the newest attempt's, by the time in its directory name (file times do not survive a copy or a checkout)
+    checkpoints = sorted(glob.glob(os.path.join(pattern, "checkpoint.pt")),
+                         key=lambda p: int(os.path.basename(os.path.dirname(p)).rsplit("__", 1)[1]))
     if checkpoint_every and checkpoints:  # continue the unfinished run, into its own run directory
         cmd = [python, os.path.join(ROOT, script), "--resume", checkpoints[-1], "--threads", "1",
                "--checkpoint-every", str(checkpoint_every)]
@@ -219,7 +222,7 @@ if __name__ == "__main__":
     missing = [s for s, _ in grid["runs"].values() if not os.path.exists(os.path.join(ROOT, s))]
     if missing or cli.jobs < 1:
         sys.exit(f"error: {'no such script: ' + ', '.join(missing) if missing else '--jobs must be >= 1'}")
-    out = os.path.abspath(cli.out or os.path.join(ROOT, "benchmark", "results", cli.grid))
+    out = os.path.abspath(cli.out or os.path.join(ROOT, "benchmark", "results", grid.get("out", cli.grid)))
     keep = grid.get("keep_scalars", False)
     if cli.collect_only:
         collect_finished(out, grid["runs"], grid["env_ids"], grid["seeds"], keep)

@@ -277,7 +277,9 @@ def test_grid_with_checkpoints_resumes_an_unfinished_run_in_its_own_directory(tm
 
 
 def test_training_seconds_leaves_out_the_pause_of_a_resumed_run():
-    steady = [100.0 + 2.0 * i for i in range(50)]  # an update every 2 s: 98 s
-    assert collect.training_seconds(steady) == pytest.approx(98.0)
-    resumed = steady + [100000.0 + 2.0 * i for i in range(50)]  # stopped, resumed a day later
-    assert collect.training_seconds(resumed) == pytest.approx(98.0 + 2.0 + 98.0)
+    updates = [100.0 + 10.0 * i for i in range(100)]  # an update every 10 s: 990 s
+    events = sorted(updates + [u + 1e-4 for u in updates] + [1490.0])  # several tags a step; a 400 s evaluation
+    assert collect.training_seconds(events, updates) == pytest.approx(1390.0)  # a silence of a run in one piece
+    later = [100000.0 + 10.0 * i for i in range(100)]  # stopped, resumed a day later
+    assert collect.training_seconds(events + later + [t + 1e-4 for t in later], updates + later) == pytest.approx(
+        1390.0 + 10.0 + 990.0)
