@@ -57,12 +57,12 @@ def table(runs, algorithms=ALGORITHMS):
     """The first algorithm is the one whose fixup share and region are reported; the difference is the first
     minus the second."""
     name = lambda a: NAMES.get(a, a)
-    first, second = algorithms[0], algorithms[1]
+    first, second = algorithms[0], (algorithms[1] if len(algorithms) > 1 else None)  # one: no difference column
     lines = ["| task | " + " | ".join(f"{name(a)} final (seeds)" for a in algorithms)
-             + f" | {name(first)} - {name(second)} [95%] | median peak-to-final drop "
+             + (f" | {name(first)} - {name(second)} [95%]" if second else "") + " | median peak-to-final drop "
              + " / ".join(name(a) for a in algorithms)
              + f" | {name(first)} fixup share | {name(first)} updates inside eps_kl |",
-             "|" + "---|" * (len(algorithms) + 5)]
+             "|" + "---|" * (len(algorithms) + (5 if second else 4))]
     for env_id in sorted(runs):
         by = runs[env_id]
         diff, lo, hi = welch_interval([r["final_return"] for r in by.get(first, [])],
@@ -76,15 +76,13 @@ def table(runs, algorithms=ALGORITHMS):
                   f"{int(sum(r['fallbacks'] for r in fixpo))} fallbacks") if fixpo else "-"
         interval = "-" if np.isnan(diff) else f"{diff:+.0f}" + ("" if np.isnan(lo) else f" [{lo:+.0f}, {hi:+.0f}]")
         lines.append(f"| {env_id} | " + " | ".join(fmt_return(by.get(a, [])) for a in algorithms)
-                     + f" | {interval} | {drops} | {share} | {inside} |")
+                     + (f" | {interval}" if second else "") + f" | {drops} | {share} | {inside} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("summary_csvs", nargs="+")
-    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, help="columns, in order (at least 2)")
+    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, help="columns, in order (one: its rows alone)")
     cli = parser.parse_args()
-    if len(cli.algorithms) < 2:
-        parser.error("--algorithms needs at least two")
     print(table(read(*cli.summary_csvs), cli.algorithms))
