@@ -27,6 +27,7 @@ import argparse
 import csv
 import os
 import re
+import textwrap
 import warnings
 from collections import defaultdict
 
@@ -114,7 +115,7 @@ def panels(plt, data, title, cols=None):
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
     for ax in axes.flat[len(envs):]:
         ax.axis("off")
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.wrap(title, 60 * cols)))  # wrapped to the figure's width (one panel: 5.5 in)
     return fig, dict(zip(envs, axes.flat))
 
 
