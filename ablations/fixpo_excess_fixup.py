@@ -494,8 +494,6 @@ def load_training_state(path, cli_args):
     if changed:
         raise UsageError("--resume continues a run with its saved arguments; drop "
                          + ", ".join("--" + k.replace("_", "-") for k in changed))
-    if state["iteration"] >= saved["num_iterations"]:
-        raise UsageError(f"{path!r} holds a finished run ({state['global_step']} steps); there is nothing to resume")
     return state, Args(**{**saved, **{k: getattr(cli_args, k) for k in RESUMABLE}})
 
 
