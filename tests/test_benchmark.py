@@ -227,6 +227,8 @@ def test_table_reports_each_algorithm_and_the_interval_of_the_difference(tmp_pat
     text = table.table(table.read(str(path)))
     assert "| Swimmer-v5 | 110 +- 10 (3) | 100 +- 10 (3) | - | +10 [" in text
     assert "| 10 / 30 / - | 1.00% | 100.00%, worst 0.900 x eps_kl, 0 fallbacks |" in text
+    alone = table.table(table.read(str(path)), ["fixpo"])  # one algorithm: its rows, no difference column
+    assert "| Swimmer-v5 | 110 +- 10 (3) | 10 | 1.00% | 100.00%, worst 0.900 x eps_kl, 0 fallbacks |" in alone
     diff, lo, hi = table.welch_interval([100, 110, 120], [90, 100, 110])
     assert diff == 10 and lo < 0 < hi and hi - diff == pytest.approx(diff - lo)
 

@@ -82,6 +82,9 @@ def test_resume_refuses_flags_that_would_change_the_run(tmp_path):
     p = subprocess.run([sys.executable, SCRIPT, "--resume", str(tmp_path / "nothing.pt")], cwd=tmp_path,
                        capture_output=True, text=True, env=ENV, timeout=120)
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "cannot read" in p.stderr
+    p = subprocess.run([sys.executable, SCRIPT, "--resume", ckpt], cwd=tmp_path,  # a run stopped in its last update
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert p.returncode == 0 and "at step 256, every update done: finishing" in p.stdout, p.stderr
 
 
 def test_nan_observation_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
