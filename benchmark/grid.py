@@ -192,6 +192,19 @@ def collect_finished(out, runs, env_ids, seeds, keep=False):
     print(f"{rows} rows from {len(done)} finished runs -> {csv_path}")
 
 
+def collect_scope(name, env_ids=None, seeds=None):
+    """What a named grid's summary covers: all of its runs, plus any env ids or seeds a command line added. A run of
+    part of a grid (--labels, --env-ids, --seeds) thus rewrites summary.csv with every finished run, not only its own."""
+    grid = GRIDS[name]
+    all_env_ids = list(grid["env_ids"]) + [e for e in env_ids or [] if e not in grid["env_ids"]]
+    extra = list(seeds or [])
+    if isinstance(grid["seeds"], dict):
+        all_seeds = {k: sorted(set(v) | set(extra)) for k, v in grid["seeds"].items()}
+    else:
+        all_seeds = sorted(set(grid["seeds"]) | set(extra))
+    return grid["runs"], all_env_ids, all_seeds
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", choices=[*GRIDS, "custom"])
@@ -229,10 +242,12 @@ if __name__ == "__main__":
         sys.exit(f"error: {'no such script: ' + ', '.join(missing) if missing else '--jobs must be >= 1'}")
     out = os.path.abspath(cli.out or os.path.join(ROOT, "benchmark", "results", grid.get("out", cli.grid)))
     keep = grid.get("keep_scalars", False)
+    scope = (grid["runs"], grid["env_ids"], grid["seeds"]) if cli.grid == "custom" else \
+        collect_scope(cli.grid, cli.env_ids, cli.seeds)
     if cli.collect_only:
-        collect_finished(out, grid["runs"], grid["env_ids"], grid["seeds"], keep)
+        collect_finished(out, *scope, keep)
         sys.exit(0)
     failures = run_grid(out, grid["runs"], grid["env_ids"], grid["seeds"], grid["total_timesteps"], cli.jobs,
                         order=grid.get("order", "label"), keep=keep, checkpoint_every=grid.get("checkpoint_every"))
-    collect_finished(out, grid["runs"], grid["env_ids"], grid["seeds"], keep)
+    collect_finished(out, *scope, keep)
     sys.exit(1 if failures else 0)

@@ -285,3 +285,11 @@ def test_training_seconds_leaves_out_the_pause_of_a_resumed_run():
     later = [100000.0 + 10.0 * i for i in range(100)]  # stopped, resumed a day later
     assert collect.training_seconds(events + later + [t + 1e-4 for t in later], updates + later) == pytest.approx(
         1390.0 + 10.0 + 990.0)
+
+
+def test_part_of_a_grid_still_summarises_the_whole_grid():
+    runs, env_ids, seeds = grid.collect_scope("mujoco", env_ids=["Hopper-v5", "Ant-v5"], seeds=[2, 7])
+    assert set(runs) == {"fixpo", "ppo", "trpo"}  # --labels narrows what runs, not what the summary holds
+    assert env_ids == grid.GRIDS["mujoco"]["env_ids"] + ["Ant-v5"]
+    assert seeds == {"fixpo": [1, 2, 3, 4, 5, 7], "ppo": [1, 2, 3, 7], "trpo": [1, 2, 3, 7]}
+    assert grid.collect_scope("quick") == (grid.GRIDS["quick"]["runs"], ["Hopper-v4"], [1, 2])
