@@ -293,3 +293,14 @@ def test_part_of_a_grid_still_summarises_the_whole_grid():
     assert env_ids == grid.GRIDS["mujoco"]["env_ids"] + ["Ant-v5"]
     assert seeds == {"fixpo": [1, 2, 3, 4, 5, 7], "ppo": [1, 2, 3, 7], "trpo": [1, 2, 3, 7]}
     assert grid.collect_scope("quick") == (grid.GRIDS["quick"]["runs"], ["Hopper-v4"], [1, 2])
+
+
+def test_binned_means_per_run_and_tag(synthetic):
+    import binned
+
+    run = glob.glob(str(synthetic / "runs" / "Hopper-v4__fixpo__1__*"))[0]
+    starts, means = binned.binned_means(run, ["fixpo/beta", "losses/approx_kl"], 2048 * 6)  # updates at 2048 u
+    assert starts == [0, 12288, 24576] and set(means) == {"fixpo/beta"}  # a tag the run lacks is left out
+    assert means["fixpo/beta"] == pytest.approx([1.0 + 0.1 * 3, 1.0 + 0.1 * 8.5, 1.0 + 0.1 * 12])  # u 1-5, 6-11, 12
+    text = binned.table([run], ["fixpo/beta"], 2048 * 6, until=40000)
+    assert text.splitlines()[0].startswith("| run | tag | 0k-12k |") and text.endswith("| - |")  # no value after 24576

@@ -1,0 +1,58 @@
+"""Means of chosen TensorBoard tags per bin of environment steps, one markdown row per (run, tag).
+
+    python benchmark/binned.py benchmark/results/atari/runs/Pong* --tags charts/episodic_return \\
+        trust_region/kl_mean losses/approx_kl --bin 100000
+
+For reading how a run moved over time (e.g. the policy's KL per update against a baseline's), where a curve
+is too coarse and a single final number too little. A tag a run does not log is left out of its rows; a bin
+with no value of the tag prints "-". Steps are each script's global step (agent steps on Atari).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from collect import read_run  # noqa: E402
+
+
+def binned_means(run_dir, tags, bin_size, until=None):
+    """{tag: [mean of the values logged in bin 0, bin 1, ...]} (NaN where a bin is empty); with the bin starts."""
+    rows = read_run(run_dir)
+    last = max((r[5] for r in rows), default=0) if until is None else until
+    starts = list(range(0, int(last) + 1, bin_size))
+    out = {}
+    for tag in tags:
+        pts = np.array([(r[5], r[7]) for r in rows if r[4] == tag], dtype=float).reshape(-1, 2)
+        if len(pts) == 0:
+            continue
+        out[tag] = [float(pts[(pts[:, 0] >= s) & (pts[:, 0] < s + bin_size), 1].mean())
+                    if ((pts[:, 0] >= s) & (pts[:, 0] < s + bin_size)).any() else float("nan") for s in starts]
+    return starts, out
+
+
+def table(run_dirs, tags, bin_size, until=None):
+    """A markdown table: run, tag, then one column per bin (as many as the longest run has)."""
+    results = [(os.path.basename(os.path.normpath(d)), *binned_means(d, tags, bin_size, until)) for d in run_dirs]
+    starts = max((s for _, s, _ in results), key=len)
+    fmt = lambda v: "-" if np.isnan(v) else f"{v:.4g}"
+    lines = ["| run | tag | " + " | ".join(f"{s // 1000}k-{(s + bin_size) // 1000}k" for s in starts) + " |",
+             "|---|---|" + "---|" * len(starts)]
+    for name, _, means in results:
+        for tag, values in means.items():
+            values = values + [float("nan")] * (len(starts) - len(values))
+            lines.append(f"| {name} | {tag} | " + " | ".join(fmt(v) for v in values) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", help="run directories ({env_id}__{exp_name}__{seed}__{time})")
+    parser.add_argument("--tags", nargs="+", required=True, help="TensorBoard scalar tags")
+    parser.add_argument("--bin", type=int, default=100000, help="bin width in steps")
+    parser.add_argument("--until", type=int, help="last step to cover (default: each run's last)")
+    cli = parser.parse_args()
+    if cli.bin < 1:
+        sys.exit("error: --bin must be >= 1")
+    print(table(cli.run_dirs, cli.tags, cli.bin, cli.until))
