@@ -23,8 +23,8 @@ by any one rank stops all ranks after the same update or at the same check.
 
 Run (one machine, 2 processes; gloo on CPU, nccl on GPUs, one GPU per process):
     torchrun --standalone --nproc_per_node 2 fixpo_atari_multigpu.py --env-id BreakoutNoFrameskip-v4
-Run (2 machines x 4 GPUs; the same command on each, K = 0 on the machine at HOST, 1 on the other):
-    torchrun --nnodes 2 --node-rank K --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+Run (2 machines x 4 GPUs; the same command on each, K = 0 on the machine at address HOST, 1 on the other):
+    torchrun --nnodes 2 --node-rank K --nproc_per_node 4 --master-addr HOST --master-port 29500 \
         fixpo_atari_multigpu.py --env-id BreakoutNoFrameskip-v4 --num-envs 64
   --num-envs is the global number of envs (divisible by the world size); rank r steps envs r*n .. r*n+n-1 of them.
   Ranks must run the same code, versions and hardware kind: the per-update parameter check is exact.

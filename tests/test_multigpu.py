@@ -265,17 +265,27 @@ def test_torchrun_two_ranks_keep_every_update_inside(tmp_path):
 
 
 def test_two_local_machines(tmp_path):
-    """Two torchrun launches, --nnodes 2, rendezvous on the loopback address: each a "machine" of one process."""
+    """Two torchrun launches, --nnodes 2, static rendezvous at node 0's address (loopback): each a "machine" of one
+    process. Static, as the script's docstring shows: node 0 hosts the store and the workers meet at --master-addr,
+    not at a hostname that may not resolve (c10d's endpoint race and hostname lookup hung this test once)."""
     port = free_port()
     procs = []
     for node in range(2):
         cwd = tmp_path / f"node{node}"
         cwd.mkdir()
         procs.append(subprocess.Popen(
-            [*TORCHRUN, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "fixpo-test", SCRIPT, *TINY],
+            [*TORCHRUN, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+             "--master-port", str(port), SCRIPT, *TINY],
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()))
-    outputs = [proc.communicate(timeout=150) for proc in procs]
+    outputs, deadline = [], time.time() + 150
+    for proc in procs:  # one deadline for both: a launch that failed early must not leave the other hanging
+        try:
+            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            errs = [p.communicate()[1][-1500:] for p in procs]
+            pytest.fail(f"torchrun launches hung; stderr of node 0:\n{errs[0]}\nstderr of node 1:\n{errs[1]}")
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
     logs = [glob.glob(str(tmp_path / f"node{n}" / "runs" / "*")) for n in range(2)]
