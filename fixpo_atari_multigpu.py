@@ -26,6 +26,8 @@ Run (one machine, 2 processes; gloo on CPU, nccl on GPUs, one GPU per process):
 Run (2 machines x 4 GPUs; the same command on each, K = 0 on the machine at address HOST, 1 on the other):
     torchrun --nnodes 2 --node-rank K --nproc_per_node 4 --master-addr HOST --master-port 29500 \
         fixpo_atari_multigpu.py --env-id BreakoutNoFrameskip-v4 --num-envs 64
+  (or elastic: --rdzv-backend c10d --rdzv-endpoint HOST:29400; the workers then meet at the hostname of one
+  machine, which must resolve from every other, else add --local-addr with each machine's own address)
   --num-envs is the global number of envs (divisible by the world size); rank r steps envs r*n .. r*n+n-1 of them.
   Ranks must run the same code, versions and hardware kind: the per-update parameter check is exact.
   A rank that stops answering ends the run after --dist-timeout seconds instead of hanging.
