@@ -1,11 +1,15 @@
 """Collect every scalar of every run into one long CSV: one row per (run, tag, step).
 
     python benchmark/collect.py benchmark/results/quick/runs/* --csv benchmark/results/quick/scalars.csv
+    python benchmark/collect.py benchmark/results/atari/runs/* --csv /tmp/atari.csv --summary benchmark/results/atari/summary.csv
 
 Columns: run, env_id, exp_name, seed, tag, step, wall_time, value. The run directory's name gives the
 first three ({env_id}__{exp_name}__{seed}__{time}, as every script here names it), and exp_name is the
 algorithm's label in the plots. eps_kl and c_beta are added as pseudo-tags `hparams/eps_kl`, `hparams/c_beta`
 (at step 0) for runs that log them, so plots can draw kl_max / eps_kl and the primary phase's target.
+--summary also writes summary.csv (columns SUMMARY, one row per run, as grid.py does for finished runs) from
+any run directories, finished or paused (`steps` says how far each got); runs that log no trust_region/kl_max
+(CleanRL's own scripts) get nan in the two KL columns.
 """
 import argparse
 import csv
@@ -92,8 +96,8 @@ def summary_row(run, eps_kl_default=0.2, window=20):
     fallbacks = get("fixpo/fixup_fallbacks")
     events = [e for tag, es in run.items() if not tag.startswith("hparams/") for e in es]
     return {"steps": max(s for s, _, _ in events), "final_return": returns[-window:].mean(),
-            "peak_return": means.max(), "worst_kl_over_eps": kl_max.max() / eps_kl,
-            "updates_in_region": float(np.mean(kl_max <= eps_kl)),
+            "peak_return": means.max(), "worst_kl_over_eps": kl_max.max() / eps_kl if len(kl_max) else np.nan,
+            "updates_in_region": float(np.mean(kl_max <= eps_kl)) if len(kl_max) else np.nan,  # nan: no KL logged
             "fixup_share": fixup / max(primary + fixup, 1), "fallbacks": int(fallbacks[-1]) if len(fallbacks) else 0,
             "wall_s": training_seconds([w for _, w, _ in events], [w for _, w, _ in run.get("charts/SPS", [])])}
 
@@ -133,9 +137,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="run directories (runs/{env_id}__{exp_name}__{seed}__{time})")
     parser.add_argument("--csv", required=True, help="the CSV to write")
+    parser.add_argument("--summary", help="also write this summary.csv, one row per run")
     cli = parser.parse_args()
     try:
         rows = collect([d for d in cli.run_dirs if os.path.isdir(d)], cli.csv)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print(f"{rows} rows from {len(cli.run_dirs)} runs -> {cli.csv}")
+    if cli.summary:
+        print(f"{write_summary(cli.csv, cli.summary)} runs -> {cli.summary}")

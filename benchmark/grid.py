@@ -61,9 +61,11 @@ GRIDS = {
     "atari10m": dict(out="atari", runs={"fixpo": ("fixpo_atari.py", [])}, env_ids=["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"],
                      seeds=[1], total_timesteps=10000000, order="seed", keep_scalars=True, checkpoint_every=10),
     # Atari screen of the region's radius: at eps_kl 0.2 FixPO's Pong updates moved the policy by a mean KL of about
-    # 0.05 per update, 10-30x CleanRL's PPO (approx_kl); eps_kl 0.02 puts FixPO's steps near PPO's
+    # 0.05 per update, 10-30x CleanRL's PPO (approx_kl); eps_kl 0.02 puts FixPO's steps near PPO's. Its Breakout
+    # runs pair with atari2m's (eps_kl 0.2): `--env-ids BreakoutNoFrameskip-v4 --seeds 1` in both grids
     "atari_screen": dict(out="atari_screen", runs={"fixpo_eps0.02": ("fixpo_atari.py", ["--eps-kl", "0.02"])},
-                         env_ids=["PongNoFrameskip-v4"], seeds=[1], total_timesteps=2000000, order="seed",
+                         env_ids=["PongNoFrameskip-v4", "BreakoutNoFrameskip-v4"], seeds=[1, 2],
+                         total_timesteps=2000000, order="seed",
                          keep_scalars=True, checkpoint_every=10),
     # screen for the mujoco grid's FixPO rows (Hopper-v5, Walker2d-v5, seeds 1-5): a floor under beta
     "beta_floor": dict(runs={"fixpo_beta_floor": ("ablations/fixpo_beta_floor.py", [])},

@@ -214,6 +214,31 @@ def test_summary_row_final_and_peak_return():
     assert row["fixup_share"] == pytest.approx(4 / 164) and row["fallbacks"] == 1 and row["wall_s"] == 59
 
 
+def test_summary_of_paused_runs_and_of_a_run_without_kl(synthetic, tmp_path):
+    """collect.py --summary: any run directories (a paused Atari run, CleanRL's script logging no kl_max)."""
+    import subprocess
+
+    runs = synthetic / "runs"
+    (cleanrl,) = glob.glob(str(runs / "Hopper-v4__ppo__1__*"))
+    from torch.utils.tensorboard import SummaryWriter
+
+    bare = runs / "Hopper-v4__ppo_cleanrl__1__1"  # returns and SPS only, as CleanRL's scripts log
+    writer = SummaryWriter(str(bare))
+    for u in range(1, 4):
+        writer.add_scalar("charts/episodic_return", -20.0 + u, 1000 * u)
+        writer.add_scalar("charts/SPS", 100.0, 1000 * u)
+    writer.close()
+    out = tmp_path / "summary.csv"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "collect.py"), cleanrl, str(bare),
+                        "--csv", str(tmp_path / "s.csv"), "--summary", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0 and "2 runs ->" in p.stdout, p.stderr
+    with open(out, newline="") as f:
+        rows = {r["algorithm"]: r for r in csv.DictReader(f)}
+    assert rows["ppo_cleanrl"]["steps"] == "3000" and float(rows["ppo_cleanrl"]["final_return"]) == -18
+    assert np.isnan(float(rows["ppo_cleanrl"]["worst_kl_over_eps"])) and rows["ppo_cleanrl"]["fixup_share"] == "0"
+    assert float(rows["ppo"]["updates_in_region"]) == 1 and rows["ppo"]["steps"] == str(2048 * 12 + 1000)
+
+
 def test_table_reports_each_algorithm_and_the_interval_of_the_difference(tmp_path):
     import table
 
