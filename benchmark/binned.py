@@ -2,12 +2,17 @@
 
     python benchmark/binned.py benchmark/results/atari/runs/Pong* --tags charts/episodic_return \\
         trust_region/kl_mean losses/approx_kl --bin 100000
+    python benchmark/binned.py benchmark/results/mujoco/scalars/fixpo__InvertedDoublePendulum-v5__1.csv.gz \
+        --tags charts/episodic_return fixpo/beta --bin 100000
 
 For reading how a run moved over time (e.g. the policy's KL per update against a baseline's), where a curve
-is too coarse and a single final number too little. A tag a run does not log is left out of its rows; a bin
+is too coarse and a single final number too little. A run is a run directory or one of grid.py's kept scalars
+files (OUT/scalars/*.csv.gz, for grids whose run directories are not kept). A tag a run does not log is left out of its rows; a bin
 with no value of the tag prints "-". Steps are each script's global step (agent steps on Atari).
 """
 import argparse
+import csv
+import gzip
 import os
 import sys
 
@@ -17,9 +22,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from collect import read_run  # noqa: E402
 
 
+def read_rows(path):
+    """collect.py's rows of a run directory or of a kept scalars file (the same columns, gzipped CSV)."""
+    if not path.endswith(".csv.gz"):
+        return read_run(path)
+    with gzip.open(path, "rt", newline="") as f:
+        return [[*r[:5], int(r[5]), float(r[6]), float(r[7])] for r in list(csv.reader(f))[1:]]
+
+
+def run_name(path):
+    return os.path.basename(os.path.normpath(path)).removesuffix(".csv.gz")
+
+
 def binned_means(run_dir, tags, bin_size, until=None):
     """{tag: [mean of the values logged in bin 0, bin 1, ...]} (NaN where a bin is empty); with the bin starts."""
-    rows = read_run(run_dir)
+    rows = read_rows(run_dir)
     last = max((r[5] for r in rows), default=0) if until is None else until
     starts = list(range(0, int(last) + 1, bin_size))
     out = {}
@@ -34,7 +51,7 @@ def binned_means(run_dir, tags, bin_size, until=None):
 
 def table(run_dirs, tags, bin_size, until=None):
     """A markdown table: run, tag, then one column per bin (as many as the longest run has)."""
-    results = [(os.path.basename(os.path.normpath(d)), *binned_means(d, tags, bin_size, until)) for d in run_dirs]
+    results = [(run_name(d), *binned_means(d, tags, bin_size, until)) for d in run_dirs]
     starts = max((s for _, s, _ in results), key=len)
     fmt = lambda v: "-" if np.isnan(v) else f"{v:.4g}"
     lines = ["| run | tag | " + " | ".join(f"{s // 1000}k-{(s + bin_size) // 1000}k" for s in starts) + " |",
@@ -48,7 +65,7 @@ def table(run_dirs, tags, bin_size, until=None):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", help="run directories ({env_id}__{exp_name}__{seed}__{time})")
+    parser.add_argument("run_dirs", nargs="+", help="run directories ({env_id}__{exp_name}__{seed}__{time}) or kept scalars files (.csv.gz)")
     parser.add_argument("--tags", nargs="+", required=True, help="TensorBoard scalar tags")
     parser.add_argument("--bin", type=int, default=100000, help="bin width in steps")
     parser.add_argument("--until", type=int, help="last step to cover (default: each run's last)")

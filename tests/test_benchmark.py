@@ -329,3 +329,14 @@ def test_binned_means_per_run_and_tag(synthetic):
     assert means["fixpo/beta"] == pytest.approx([1.0 + 0.1 * 3, 1.0 + 0.1 * 8.5, 1.0 + 0.1 * 12])  # u 1-5, 6-11, 12
     text = binned.table([run], ["fixpo/beta"], 2048 * 6, until=40000)
     assert text.splitlines()[0].startswith("| run | tag | 0k-12k |") and text.endswith("| - |")  # no value after 24576
+
+
+def test_binned_reads_a_kept_scalars_file_as_its_run_directory(synthetic, tmp_path):
+    """grid.py keeps OUT/scalars/*.csv.gz instead of run directories: binned.py reads either, with the same means."""
+    import binned
+
+    run = glob.glob(str(synthetic / "runs" / "Hopper-v4__fixpo__1__*"))[0]
+    grid.keep_scalars(str(tmp_path), "fixpo", "Hopper-v4", 1, run)
+    kept = grid.scalars_path(str(tmp_path), "fixpo", "Hopper-v4", 1)
+    assert binned.binned_means(kept, ["fixpo/beta"], 4096) == binned.binned_means(run, ["fixpo/beta"], 4096)
+    assert binned.table([kept], ["fixpo/beta"], 4096).splitlines()[2].startswith("| fixpo__Hopper-v4__1 | fixpo/beta |")
