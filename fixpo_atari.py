@@ -57,13 +57,13 @@ class Args:
     save_model: bool = False
     """if toggled, save the agent to `runs/{run_name}` and evaluate it"""
     eval_checkpoint: Optional[str] = None
-    """path of a saved model: evaluate it and exit, without training"""
+    """path of a saved model (--save-model) or of a run's checkpoint.pt: evaluate it and exit, without training"""
     eval_episodes: int = 10
     """whole games per evaluation"""
     eval_deterministic: bool = False
     """evaluate with the most likely action (off by default: an argmax policy can stall, e.g. never launch the ball)"""
     checkpoint_every: int = 0
-    """write runs/{run_name}/checkpoint.pt every N updates and at the end (0: only on SIGINT/SIGTERM)"""
+    """also write runs/{run_name}/checkpoint.pt every N updates (0: only at the end and on SIGINT/SIGTERM)"""
     resume: Optional[str] = None
     """path of a checkpoint.pt: continue that run, with its arguments, in its run folder and TensorBoard log"""
 
@@ -431,9 +431,24 @@ def play_games(envs, agent, num_games, seed, deterministic=False, device="cpu"):
     return returns
 
 
+# numpy arrays and scalars (RNG states, counters) inside a training state (checkpoint.pt): data types only
+NUMPY_TYPES = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype,
+               *{type(np.dtype(c)) for c in np.typecodes["All"]}]
+
+
+def load_model(path, device="cpu"):
+    """A saved model (--save-model) or a training state (checkpoint.pt, which every run leaves) as one dict: the
+    agent's weights, the run's args and any normalisation statistics. weights_only: loading runs no stored code."""
+    with torch.serialization.safe_globals(NUMPY_TYPES):
+        model = torch.load(path, map_location=device)
+    if model.get("format") == "fixpo-training-state-1":
+        model = {"agent": model["agent"], "args": model["args"], **model["normalization"]}
+    return model
+
+
 def evaluate(checkpoint_path, eval_episodes, seed, deterministic=False, capture_video=False, device="cpu"):
     """Play `eval_episodes` whole games of a saved model with the training preprocessing; returns the raw scores."""
-    checkpoint = torch.load(checkpoint_path, map_location=device)
+    checkpoint = load_model(checkpoint_path, device)
     env_id = checkpoint["args"]["env_id"]
     agent = Agent(len(checkpoint["agent"]["actor.bias"])).to(device)
     agent.load_state_dict(checkpoint["agent"])
@@ -522,7 +537,7 @@ if __name__ == "__main__":
         check_args(args)
         if args.eval_checkpoint is not None:
             try:
-                torch.load(args.eval_checkpoint, map_location="cpu")["agent"]
+                load_model(args.eval_checkpoint)["agent"]
             except Exception as e:
                 raise UsageError(f"cannot read a checkpoint at {args.eval_checkpoint!r} ({type(e).__name__})") from None
             torch.set_num_threads(args.threads)

@@ -58,13 +58,13 @@ class Args:
     save_model: bool = False
     """if toggled, save agent + normalisation statistics to `runs/{run_name}` and evaluate them"""
     eval_checkpoint: Optional[str] = None
-    """path of a saved model: evaluate it and exit, without training"""
+    """path of a saved model (--save-model) or of a run's checkpoint.pt: evaluate it and exit, without training"""
     eval_episodes: int = 50
     """goal configurations per task in an evaluation, one episode each (Meta-World has 50 per task)"""
     eval_deterministic: bool = True
     """evaluate with the mean action (--no-eval-deterministic samples as in training)"""
     checkpoint_every: int = 0
-    """write runs/{run_name}/checkpoint.pt every N updates and at the end (0: only on SIGINT/SIGTERM)"""
+    """also write runs/{run_name}/checkpoint.pt every N updates (0: only at the end and on SIGINT/SIGTERM)"""
     resume: Optional[str] = None
     """path of a checkpoint.pt: continue that run, with its arguments, in its run folder and TensorBoard log"""
 
@@ -447,7 +447,7 @@ def save_checkpoint(path, agent, envs, args, global_step):
 def read_checkpoint(path):
     """A checkpoint saved by this script, or one line saying why not."""
     try:
-        checkpoint = torch.load(path, map_location="cpu")
+        checkpoint = load_model(path)
         checkpoint["agent"], checkpoint["obs_rms"], checkpoint["args"]["benchmark"]
     except Exception as e:
         raise UsageError(f"cannot read a fixpo_metaworld.py checkpoint at {path!r} ({type(e).__name__}: {e})") from None
@@ -470,10 +470,25 @@ def transfer_state(checkpoint, tasks, one_hot):
     return state
 
 
+# numpy arrays and scalars (RNG states, counters) inside a training state (checkpoint.pt): data types only
+NUMPY_TYPES = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype,
+               *{type(np.dtype(c)) for c in np.typecodes["All"]}]
+
+
+def load_model(path, device="cpu"):
+    """A saved model (--save-model) or a training state (checkpoint.pt, which every run leaves) as one dict: the
+    agent's weights, the run's args and any normalisation statistics. weights_only: loading runs no stored code."""
+    with torch.serialization.safe_globals(NUMPY_TYPES):
+        model = torch.load(path, map_location=device)
+    if model.get("format") == "fixpo-training-state-1":
+        model = {"agent": model["agent"], "args": model["args"], **model["normalization"]}
+    return model
+
+
 def evaluate(checkpoint_path, eval_episodes, seed, deterministic=True, capture_video=False, device="cpu"):
     """Play a saved model once on each of the first `eval_episodes` of every task's 50 goal configurations (those
     of its training seed), with its frozen observation statistics; returns {task: success flags}, {task: returns}."""
-    checkpoint = torch.load(checkpoint_path, map_location=device)
+    checkpoint = load_model(checkpoint_path, device)
     cargs = checkpoint["args"]
     tasks = check_env(cargs["env_id"], cargs["benchmark"])
     run_name = f"{os.path.basename(checkpoint_path)}-eval-{int(time.time())}"

@@ -61,13 +61,13 @@ class Args:
     save_model: bool = False
     """if toggled, save agent + normalisation statistics to `runs/{run_name}` and evaluate them"""
     eval_checkpoint: Optional[str] = None
-    """path of a saved model: evaluate it and exit, without training"""
+    """path of a saved model (--save-model) or of a run's checkpoint.pt: evaluate it and exit, without training"""
     eval_episodes: int = 10
     """episodes per evaluation"""
     eval_deterministic: bool = True
     """evaluate with the mean action (--no-eval-deterministic samples as in training)"""
     checkpoint_every: int = 0
-    """write runs/{run_name}/checkpoint.pt every N updates and at the end (0: only on SIGINT/SIGTERM)"""
+    """also write runs/{run_name}/checkpoint.pt every N updates (0: only at the end and on SIGINT/SIGTERM)"""
     resume: Optional[str] = None
     """path of a checkpoint.pt: continue that run, with its arguments, in its run folder and TensorBoard log"""
 
@@ -421,10 +421,25 @@ def save_checkpoint(path, agent, envs, args, global_step):
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written model
 
 
+# numpy arrays and scalars (RNG states, counters) inside a training state (checkpoint.pt): data types only
+NUMPY_TYPES = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype,
+               *{type(np.dtype(c)) for c in np.typecodes["All"]}]
+
+
+def load_model(path, device="cpu"):
+    """A saved model (--save-model) or a training state (checkpoint.pt, which every run leaves) as one dict: the
+    agent's weights, the run's args and any normalisation statistics. weights_only: loading runs no stored code."""
+    with torch.serialization.safe_globals(NUMPY_TYPES):
+        model = torch.load(path, map_location=device)
+    if model.get("format") == "fixpo-training-state-1":
+        model = {"agent": model["agent"], "args": model["args"], **model["normalization"]}
+    return model
+
+
 def evaluate(checkpoint_path, eval_episodes, seed, deterministic=True, capture_video=False, device="cpu"):
     """Play `eval_episodes` episodes of a saved model with its frozen observation statistics; returns the returns."""
     try:
-        checkpoint = torch.load(checkpoint_path, map_location=device)
+        checkpoint = load_model(checkpoint_path, device)
         env_id = checkpoint["args"]["env_id"]
     except Exception as e:
         raise UsageError(f"cannot read a checkpoint at {checkpoint_path!r} ({type(e).__name__})") from None

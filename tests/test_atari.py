@@ -286,6 +286,10 @@ def test_saved_model_evaluation_reproduces_the_scores(trained):
     e = run(command + ["--eval-episodes", "1"], cwd)
     assert e.returncode == 0, e.stderr
     assert float(re.search(r"^mean (\S+)", e.stdout, re.M).group(1)) == in_training
+    (ckpt,) = glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))  # the run's training state evaluates the same
+    e = run([command[0], ckpt, *command[2:], "--eval-episodes", "1"], cwd)
+    assert e.returncode == 0, e.stderr
+    assert float(re.search(r"^mean (\S+)", e.stdout, re.M).group(1)) == in_training
 
 
 BAD = {

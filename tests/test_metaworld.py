@@ -204,6 +204,10 @@ def test_saved_model_evaluation_reproduces_the_success_rate(trained):
     assert e.returncode == 0, e.stderr
     assert re.search(r"^success rate (\S+) over 1 goal", e.stdout, re.M).group(1) == in_training
     assert re.search(r"^reach-v3 +success rate", e.stdout, re.M)
+    (ckpt,) = glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))  # the run's training state evaluates the same
+    e = run(["--eval-checkpoint", ckpt, "--eval-episodes", "1", "--seed", "3"], cwd)
+    assert e.returncode == 0, e.stderr
+    assert re.search(r"^success rate (\S+) over 1 goal", e.stdout, re.M).group(1) == in_training
     ckpt = torch.load(model)
     assert ckpt["obs_rms"]["mean"].shape == (fm.OBS_DIM,) and ckpt["obs_rms"]["count"] > 512
 

@@ -80,6 +80,16 @@ def test_saved_model_evaluation_reproduces_the_return(trained):
     assert not glob.glob(str(cwd / "runs" / "*" / "*.tmp"))
 
 
+def test_a_runs_checkpoint_evaluates_as_its_saved_model(trained):
+    """--eval-checkpoint takes the checkpoint.pt every run leaves (agent and statistics as the saved model's)."""
+    cwd, p = trained
+    (ckpt,) = glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))
+    in_training = float(re.search(r"evaluation: mean (\S+)", p.stdout).group(1))
+    e = run(["--eval-checkpoint", ckpt, "--eval-episodes", "3", "--seed", "3"], cwd)
+    assert e.returncode == 0, e.stderr
+    assert float(re.search(r"^mean (\S+)", e.stdout, re.M).group(1)) == in_training
+
+
 def test_evaluation_uses_the_saved_normalisation_statistics(trained):
     import torch
 
