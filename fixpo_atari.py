@@ -660,7 +660,7 @@ if __name__ == "__main__":
                 recent_returns.append(score)
                 writer.add_scalar("charts/episodic_return", score, global_step)  # whole game, unclipped
                 writer.add_scalar("charts/episodic_length", length, global_step)
-            next_valid = torch.as_tensor(~scores.autoreset_next, dtype=torch.float32, device=device)  # not after a life loss
+            next_valid = torch.as_tensor(~scores.autoreset_next, dtype=torch.float32, device=device)  # 0 only after a game over (a lost life keeps the game going)
 
         with torch.no_grad():
             advantages, returns = compute_gae(rewards, values, agent.get_value(next_obs), terms, dones, valids,

@@ -837,7 +837,7 @@ if __name__ == "__main__":
             dones[step] = torch.as_tensor(done, dtype=torch.float32, device=device)
             next_obs = torch.as_tensor(next_obs, device=device)
             games += [(global_step, score, length) for i, score, length in scores.update(reward, term, trunc, infos["lives"])]
-            next_valid = torch.as_tensor(~scores.autoreset_next, dtype=torch.float32, device=device)  # not after a life loss
+            next_valid = torch.as_tensor(~scores.autoreset_next, dtype=torch.float32, device=device)  # 0 only after a game over (a lost life keeps the game going)
         # any rank's non-finite reward stops every rank here, before training on it: one collective per update, not per step
         first_bad = all_gather(torch.tensor([bad_reward_step], dtype=torch.float64, device=device)).min().item()
         if first_bad < math.inf:
