@@ -37,6 +37,7 @@ Docs: docs/fixpo.md (the algorithm as implemented, porting guide)
 """
 import copy
 import difflib
+import hashlib
 import math
 import os
 import random
@@ -726,7 +727,8 @@ if __name__ == "__main__":
     args.local_num_envs = args.num_envs // args.world_size
     if args.track and rank == 0:
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, monitor_gym=True, save_code=True)
+                   config=vars(args), name=run_name, monitor_gym=True, save_code=True,
+                   id=hashlib.sha1(run_name.encode()).hexdigest()[:16], resume="allow")  # --resume: the same wandb run
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 

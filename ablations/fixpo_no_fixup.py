@@ -19,6 +19,7 @@ Run:       python ablations/fixpo_no_fixup.py --env-id Hopper-v4
 Evaluate:  python ablations/fixpo_no_fixup.py --eval-checkpoint runs/<run_name>/fixpo_no_fixup.fixpo_model
 Docs: docs/fixpo.md (the algorithm as implemented, porting guide)
 """
+import hashlib
 import os
 import random
 import signal
@@ -568,7 +569,8 @@ if __name__ == "__main__":
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.track:
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, monitor_gym=True, save_code=True)
+                   config=vars(args), name=run_name, monitor_gym=True, save_code=True,
+                   id=hashlib.sha1(run_name.encode()).hexdigest()[:16], resume="allow")  # --resume: the same wandb run
     from torch.utils.tensorboard import SummaryWriter
 
     # a resumed run appends to its log; whatever a killed run logged after its checkpoint is dropped

@@ -100,3 +100,26 @@ def test_nan_observation_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_p
     assert state["global_step"] == 512 and state["iteration"] == 4  # the last good one, not overwritten
     assert all(torch.isfinite(v).all() for v in state["agent"].values())
     assert not glob.glob(str(tmp_path / "runs" / "*" / "*.tmp"))
+
+
+def test_track_continues_the_same_wandb_run_after_resume(tmp_path):
+    """--track with --resume logs to the first piece's wandb run: one id per run name, resume="allow" (wandb is
+    stood in for by a module that records what wandb.init was given)."""
+    standin = tmp_path / "standin" / "wandb"
+    standin.mkdir(parents=True)
+    (standin / "__init__.py").write_text(
+        "import json, os\n\n\ndef init(**kw):\n    with open(os.environ['WANDB_STANDIN_LOG'], 'a') as f:\n"
+        "        f.write(json.dumps({k: kw.get(k) for k in ('id', 'resume', 'name')}) + '\\n')\n")
+    log = tmp_path / "inits.jsonl"
+    env = dict(ENV, PYTHONPATH=f"{standin.parent}{os.pathsep}{ENV['PYTHONPATH']}", WANDB_STANDIN_LOG=str(log))
+    first = subprocess.run([sys.executable, SCRIPT, *TINY, "--total-timesteps", "256", "--track"], cwd=tmp_path,
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    (ckpt,) = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))
+    second = subprocess.run([sys.executable, SCRIPT, "--resume", ckpt, "--track"], cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    import json
+
+    inits = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(inits) == 2 and inits[0] == inits[1] and inits[0]["resume"] == "allow" and len(inits[0]["id"]) == 16
