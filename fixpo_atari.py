@@ -172,7 +172,8 @@ def check_env(env_id: str) -> str:
 
 
 def make_env(env_id, idx, capture_video, run_name):
-    def thunk():  # for video only (AtariVectorEnv cannot render): make_envs' preprocessing in gymnasium's wrappers
+    def thunk():  # for video only (AtariVectorEnv cannot render): make_envs' preprocessing in gymnasium's wrappers,
+        # except the FIRE press at reset (the policy presses FIRE itself, as it must after each lost life)
         from ale_py.env import AtariEnv
 
         env = AtariEnv(game=check_env(env_id), frameskip=1, repeat_action_probability=0.0,
