@@ -205,8 +205,7 @@ def check_env(env_id: str) -> str:
 
 
 def make_env(env_id, idx, capture_video, run_name):
-    def thunk():  # for video only (AtariVectorEnv cannot render): make_envs' preprocessing in gymnasium's wrappers,
-        # except the FIRE press at reset (the policy presses FIRE itself, as it must after each lost life)
+    def thunk():  # for video only (AtariVectorEnv cannot render): make_envs' preprocessing in gymnasium's wrappers
         from ale_py.env import AtariEnv
 
         env = AtariEnv(game=check_env(env_id), frameskip=1, repeat_action_probability=0.0,
@@ -214,9 +213,21 @@ def make_env(env_id, idx, capture_video, run_name):
         if capture_video and idx == 0:  # the first game only
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda e: e == 0, disable_logger=True)
         env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84, terminal_on_life_loss=False)
-        return gym.wrappers.FrameStackObservation(env, 4)
+        return gym.wrappers.FrameStackObservation(FireOnReset(env), 4)
 
     return thunk
+
+
+class FireOnReset(gym.Wrapper):
+    """Press FIRE once after each reset, as AtariVectorEnv does: games such as Breakout wait for it."""
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        if "FIRE" in self.env.unwrapped.get_action_meanings():
+            obs, _, terminated, truncated, info = self.env.step(self.env.unwrapped.get_action_meanings().index("FIRE"))
+            if terminated or truncated:
+                obs, info = self.env.reset(**kwargs)
+        return obs, info
 
 
 def make_envs(env_id, num_envs):
