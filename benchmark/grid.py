@@ -12,8 +12,8 @@ Every run is one process with one torch thread (`--threads 1`), started in OUT (
 OUT/runs/{env_id}__{label}__{seed}__{time}) with stdout/stderr in OUT/logs/{label}__{env_id}__{seed}.*.
 A run that exited 0 gets OUT/logs/....done (holding its run directory) and is skipped next time; a run
 that failed or was killed is started afresh, in a new run directory: nothing written is overwritten. Grids
-with a `checkpoint_every` (Atari: hours a run) instead resume an unfinished run from the checkpoint.pt in its
-run directory; to carry one across machines, stop its process with SIGTERM (it writes a checkpoint) and copy
+with a `checkpoint_every` (Atari, hours a run; "mujoco" and its screens) instead resume an unfinished run from
+the checkpoint.pt in its run directory; to carry one across machines, stop its process with SIGTERM (it writes a checkpoint) and copy
 or `git add -f` that run directory.
 At the end, every finished run goes into OUT/scalars.csv (benchmark/collect.py); draw it with
 benchmark/plots.py.
@@ -53,7 +53,7 @@ GRIDS = {
     # to OUT/scalars/ (committed: the grid resumes from them on a fresh checkout) and OUT/summary.csv
     "mujoco": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, [])},
                    env_ids=MUJOCO6, seeds={"fixpo": [1, 2, 3, 4, 5], "ppo": [1, 2, 3], "trpo": [1, 2, 3]},
-                   total_timesteps=1000000, order="seed", keep_scalars=True),
+                   total_timesteps=1000000, order="seed", keep_scalars=True, checkpoint_every=100),
     # Atari learning evidence: Pong and Breakout at 2M agent steps on a CPU (hours a run), or 10M on a GPU machine
     # (benchmark/atari_gpu.sh); kept scalars and summary.csv as in "mujoco". The label names the radius (the
     # default, 0.02) so that these runs stay apart from the eps_kl 0.2 screen below
@@ -79,7 +79,7 @@ GRIDS = {
     # excess over eps_kl (ablations/fixpo_excess_fixup.py)
     "excess_fixup": dict(runs={"fixpo_excess_fixup": ("ablations/fixpo_excess_fixup.py", [])},
                          env_ids=["HalfCheetah-v5", "Swimmer-v5", "InvertedDoublePendulum-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
-                         order="seed", keep_scalars=True),
+                         order="seed", keep_scalars=True, checkpoint_every=100),
     "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
                         **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
                   env_ids=MUJOCO6, seeds=list(range(1, 11)), total_timesteps=3000000),
