@@ -104,8 +104,8 @@ class Args:
 
     # FixPO
     eps_kl: float = 0.02
-    """eps_kl: trust-region radius, every state ends with KL(s) <= eps_kl (paper: 0.1-0.5; on Pong 0.2 did not
-    learn in 688k steps, 0.02 reached +14.85 at 2M: docs/results.md, Atari)"""
+    """eps_kl: trust-region radius, every state ends with KL(s) <= eps_kl (MuJoCo: 0.2; why 0.02 on Atari:
+    docs/fixpo.md)"""
     c_beta: float = 3.0
     """c_beta >= 1: the primary phase aims at max KL ~ eps_kl / c_beta (paper: 3, robust 2-10)"""
     beta_lr: float = 0.01

@@ -13,7 +13,7 @@ CleanRL is not part of this project: this copies its ppo_atari.py (written for C
      the default before gymnasium 1.0), and whole-game returns are read from infos["final_info"]["episode"].
   2. --checkpoint-every N / --resume PATH: agent, optimizer, global step, iteration and RNG states, written
      atomically every N updates and on SIGTERM/SIGINT; a resume appends to the same TensorBoard log (purge_step).
-     A 2M-step Pong run takes hours on a CPU: longer than one sitting. The learning algorithm is untouched.
+     A 2M-step Pong run takes hours on a CPU, so it must survive being stopped. The learning algorithm is untouched.
 Each edit checks that its anchor text occurs exactly once, so a different CleanRL version fails loudly.
 """
 import os
