@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -324,3 +325,37 @@ def test_import_has_no_side_effects(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+class _FireGame(gym.Env):
+    """Stands in for a game that waits for FIRE after a reset (as Breakout does); records the actions it gets."""
+    observation_space, action_space = gym.spaces.Discrete(1), gym.spaces.Discrete(4)
+
+    def __init__(self, fire_ends_episode=False):
+        self.actions, self.resets, self.fire_ends_episode = [], 0, fire_ends_episode
+
+    def get_action_meanings(self):
+        return ["NOOP", "FIRE", "RIGHT", "LEFT"]
+
+    def reset(self, **kwargs):
+        self.resets += 1
+        return 0, {}
+
+    def step(self, action):
+        self.actions.append(action)
+        return 0, 0.0, self.fire_ends_episode and self.resets == 1, False, {}
+
+
+@pytest.mark.parametrize("module", ["fixpo_atari", "fixpo_atari_multigpu"])
+def test_video_env_presses_fire_after_reset(module):
+    """The rendering env (videos) starts a game as AtariVectorEnv does: FIRE once after each reset."""
+    mod = __import__(module)
+    game = _FireGame()
+    env = mod.FireOnReset(game)
+    env.reset(seed=0)
+    assert game.actions == [1]
+    env.reset()
+    assert game.actions == [1, 1]
+    ended = _FireGame(fire_ends_episode=True)  # FIRE that ends the episode: reset once more, do not return a done state
+    mod.FireOnReset(ended).reset()
+    assert ended.actions == [1] and ended.resets == 2

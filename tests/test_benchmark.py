@@ -152,6 +152,15 @@ def test_grids_name_existing_scripts():
             assert os.path.exists(os.path.join(ROOT, script)), (name, script)
 
 
+def test_checkpointing_grids_run_only_scripts_that_resume():
+    # a grid with checkpoint_every passes --checkpoint-every, and --resume on a later call: every script must take both
+    for name, g in grid.GRIDS.items():
+        if g.get("checkpoint_every"):
+            for script, _ in g["runs"].values():
+                text = open(os.path.join(ROOT, script)).read()
+                assert "checkpoint_every: int" in text and "resume: Optional[str]" in text, (name, script)
+
+
 def test_summarize_reads_a_run_without_trust_region_tags(tmp_path, capsys):
     """CleanRL's own ppo_continuous_action.py, run beside the project for comparison, logs no KL tags."""
     import summarize
