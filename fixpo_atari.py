@@ -191,8 +191,9 @@ class FireOnReset(gym.Wrapper):
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        if "FIRE" in self.env.unwrapped.get_action_meanings():
-            obs, _, terminated, truncated, info = self.env.step(self.env.unwrapped.get_action_meanings().index("FIRE"))
+        meanings = self.env.unwrapped.get_action_meanings()
+        if "FIRE" in meanings:
+            obs, _, terminated, truncated, info = self.env.step(meanings.index("FIRE"))
             if terminated or truncated:
                 obs, info = self.env.reset(**kwargs)
         return obs, info

@@ -13,8 +13,8 @@ OUT/runs/{env_id}__{label}__{seed}__{time}) with stdout/stderr in OUT/logs/{labe
 A run that exited 0 gets OUT/logs/....done (holding its run directory) and is skipped next time; a run
 that failed or was killed is started afresh, in a new run directory: nothing written is overwritten. Grids
 with a `checkpoint_every` (Atari, hours a run; "mujoco" and its screens) instead resume an unfinished run from
-the checkpoint.pt in its run directory; to carry one across machines, stop its process with SIGTERM (it writes a checkpoint) and copy
-or `git add -f` that run directory.
+the checkpoint.pt in its run directory; to carry one across machines, stop its process with SIGTERM (it writes
+a checkpoint) and copy or `git add -f` that run directory.
 At the end, every finished run goes into OUT/scalars.csv (benchmark/collect.py); draw it with
 benchmark/plots.py.
 """
