@@ -117,7 +117,7 @@ class Args:
     init_beta: float = 1.0
     """initial KL penalty coefficient beta"""
     beta_max: float = 100.0
-    """upper bound on beta (part of the fixup phase's termination argument)"""
+    """upper bound on beta: the penalty never swamps L_pi (the paper's termination argument also uses it)"""
     fixup_minibatch_size: int = 512
     """minibatch size of the fixup phase"""
     fixup_max_passes: int = 100
@@ -426,11 +426,11 @@ NUMPY_TYPES = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.
                *{type(np.dtype(c)) for c in np.typecodes["All"]}]
 
 
-def load_model(path, device="cpu"):
+def load_model(path):
     """A saved model (--save-model) or a training state (checkpoint.pt, which every run leaves) as one dict: the
     agent's weights, the run's args and any normalisation statistics. weights_only: loading runs no stored code."""
     with torch.serialization.safe_globals(NUMPY_TYPES):
-        model = torch.load(path, map_location=device)
+        model = torch.load(path, map_location="cpu")  # on the CPU: load_state_dict moves the weights to the agent
     if model.get("format") == "fixpo-training-state-1":
         model = {"agent": model["agent"], "args": model["args"], **model["normalization"]}
     return model
@@ -439,7 +439,7 @@ def load_model(path, device="cpu"):
 def evaluate(checkpoint_path, eval_episodes, seed, deterministic=True, capture_video=False, device="cpu"):
     """Play `eval_episodes` episodes of a saved model with its frozen observation statistics; returns the returns."""
     try:
-        checkpoint = load_model(checkpoint_path, device)
+        checkpoint = load_model(checkpoint_path)
         env_id = checkpoint["args"]["env_id"]
     except Exception as e:
         raise UsageError(f"cannot read a checkpoint at {checkpoint_path!r} ({type(e).__name__})") from None
@@ -495,9 +495,16 @@ def save_training_state(path, *, run_name, args, global_step, iteration, agent, 
     os.replace(path + ".tmp", path)
 
 
-def load_training_state(path, cli_args):
+def typed_fields(argv):
+    """The Args fields named on a command line (--eps-kl 0.2, --eps-kl=0.2, --no-anneal-lr), defaults included."""
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return names | {n[3:] for n in names if n.startswith("no_")}
+
+
+def load_training_state(path, cli_args, typed=()):
     """The saved state, and the run's saved arguments; a flag given now that would change the run (anything but
-    RESUMABLE) is refused rather than ignored."""
+    RESUMABLE; typed: the fields named on the command line, so that one set back to its default counts too) is
+    refused rather than ignored."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         script = state["script"] if state["format"] == "fixpo-training-state-1" else None
@@ -506,7 +513,8 @@ def load_training_state(path, cli_args):
     if script != os.path.basename(__file__):
         raise UsageError(f"{path!r} was written by {script}, not {os.path.basename(__file__)}")
     saved, defaults = state["args"], vars(Args())
-    changed = [k for k, v in vars(cli_args).items() if k not in RESUMABLE and v != defaults[k] and v != saved[k]]
+    changed = [k for k, v in vars(cli_args).items()
+               if k not in RESUMABLE and (k in typed or v != defaults[k]) and v != saved[k]]
     if changed:
         raise UsageError("--resume continues a run with its saved arguments; drop "
                          + ", ".join("--" + k.replace("_", "-") for k in changed))
@@ -556,7 +564,7 @@ if __name__ == "__main__":
                 raise UsageError("--track needs wandb: pip install wandb") from None
         state, run_name = None, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         if args.resume is not None:
-            state, args = load_training_state(args.resume, args)
+            state, args = load_training_state(args.resume, args, typed_fields(sys.argv[1:]))
             run_name = state["run_name"]
         run_dir = os.path.dirname(os.path.abspath(args.resume)) if state else f"runs/{run_name}"
         if state is None and os.path.exists(run_dir):
@@ -753,6 +761,7 @@ if __name__ == "__main__":
             checkpoint(iteration)  # only ever after a complete update with finite parameters
         if stop.signum is not None:
             print(f"checkpoint written; continue with: python {sys.argv[0]} --resume {checkpoint_path}", flush=True)
+            envs.close()  # finishes a --capture-video clip
             writer.close()
             sys.exit(128 + stop.signum)
 

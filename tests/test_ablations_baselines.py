@@ -79,7 +79,8 @@ FIXPO_SCRIPTS = [os.path.join(ROOT, p) for p in ("fixpo_atari.py", "fixpo_atari_
 FIXPO_HELPERS = ["Beta", "beta_loss", "FixupResult", "fixup_phase", "backtrack_toward_old", "report_fallback",
                  "compute_gae", "kl_per_state", "batch_kl",
                  # checkpoints, --resume, SIGINT/SIGTERM and non-finite stops: one layout and behaviour everywhere
-                 "NonFinite", "check_finite", "save_training_state", "load_training_state", "restore_rng", "StopSignals"]
+                 "NonFinite", "check_finite", "save_training_state", "typed_fields", "load_training_state", "restore_rng",
+                 "StopSignals", "load_model"]
 # The only documented differences. Each entry must still differ (a stale entry fails), everything else must match.
 ALLOWED_DIFFERENCES = {
     # discrete actions: the categorical KL from logits (log_softmax stays finite where a probability underflows), and

@@ -79,6 +79,10 @@ def test_resume_refuses_flags_that_would_change_the_run(tmp_path):
                        capture_output=True, text=True, env=ENV, timeout=120)
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
         "error: --resume continues a run with its saved arguments; drop --learning-rate"]
+    p = subprocess.run([sys.executable, SCRIPT, "--resume", ckpt, "--num-envs", "8"], cwd=tmp_path,  # 8: the default
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        "error: --resume continues a run with its saved arguments; drop --num-envs"]
     p = subprocess.run([sys.executable, SCRIPT, "--resume", str(tmp_path / "nothing.pt")], cwd=tmp_path,
                        capture_output=True, text=True, env=ENV, timeout=120)
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "cannot read" in p.stderr
@@ -123,3 +127,11 @@ def test_track_continues_the_same_wandb_run_after_resume(tmp_path):
 
     inits = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(inits) == 2 and inits[0] == inits[1] and inits[0]["resume"] == "allow" and len(inits[0]["id"]) == 16
+
+
+def test_typed_fields_sees_every_spelling_of_a_flag():
+    sys.path.insert(0, ROOT)
+    import fixpo_continuous as fc
+
+    typed = fc.typed_fields(["--eps-kl", "0.2", "--num-envs=8", "--no-anneal-lr", "--env-id", "Hopper-v4"])
+    assert {"eps_kl", "num_envs", "anneal_lr", "env_id"} <= typed and "hopper_v4" not in typed
