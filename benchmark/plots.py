@@ -21,6 +21,7 @@ With --kind algorithms (the `mujoco` grid), only:
   fig3_returns.png       return against steps per task, mean and 95% t-interval over seeds (paper Fig. 3)
   fig3_kl_max_over_eps.png  kl_max / eps_kl per update, log scale: only FixPO stays below 1
 With --kind atari, the same pair as atari_returns.png and atari_kl_max_over_eps.png (whole-game scores).
+--prefix P names each file P + its name (the committed figures use algorithms_, ablations_, mt1_, mt10_).
 Needs matplotlib: pip install -r benchmark/requirements.txt
 """
 import argparse
@@ -261,8 +262,9 @@ def algorithm_figures(plt, data, eps_kl=0.2, prefix="fig3", episodes="episodes")
     }
 
 
-def make_plots(csv_path, out_dir, eps_kl=0.2, kind="all"):
-    """Write every figure the data allows into out_dir; returns the paths written."""
+def make_plots(csv_path, out_dir, eps_kl=0.2, kind="all", name_prefix=""):
+    """Write every figure the data allows into out_dir, each file named name_prefix + its name; returns the paths
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -294,7 +296,7 @@ def make_plots(csv_path, out_dir, eps_kl=0.2, kind="all"):
     for name, fig in figures.items():
         if fig is None:
             continue
-        path = os.path.join(out_dir, name + ".png")
+        path = os.path.join(out_dir, name_prefix + name + ".png")
         fig.tight_layout()
         fig.savefig(path + ".tmp.png", dpi=100)
         os.replace(path + ".tmp.png", path)
@@ -311,6 +313,7 @@ if __name__ == "__main__":
     parser.add_argument("--kind", choices=["all", "algorithms", "atari"], default="all",
                         help="algorithms: only the paper's Fig. 3 pair (fig3_returns.png, fig3_kl_max_over_eps.png); "
                              "atari: the same pair of whole-game scores (atari_returns.png, atari_kl_max_over_eps.png)")
+    parser.add_argument("--prefix", default="", help="put before every file name, e.g. ablations_ (ablations_kl_max_over_eps.png)")
     cli = parser.parse_args()
-    for path in make_plots(cli.csv, cli.out, cli.eps_kl, cli.kind):
+    for path in make_plots(cli.csv, cli.out, cli.eps_kl, cli.kind, cli.prefix):
         print(path)

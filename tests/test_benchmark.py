@@ -277,6 +277,8 @@ def test_algorithm_figures_are_pngs(synthetic):
     assert sorted(os.path.basename(p) for p in written) == ["fig3_kl_max_over_eps.png", "fig3_returns.png"]
     written = plots.make_plots(path, str(synthetic / "atari"), kind="atari")
     assert sorted(os.path.basename(p) for p in written) == ["atari_kl_max_over_eps.png", "atari_returns.png"]
+    written = plots.make_plots(path, str(synthetic / "fig3"), kind="algorithms", name_prefix="six_")
+    assert sorted(os.path.basename(p) for p in written) == ["six_fig3_kl_max_over_eps.png", "six_fig3_returns.png"]
 
 
 FAKE_RESUMABLE = textwrap.dedent("""
