@@ -125,6 +125,7 @@ def curve_figure(plt, data, tag, title, ylabel, xkind="steps", transform=None, l
     fig, axes = panels(plt, data, title, cols)
     drawn = False
     order = sorted(data, key=natural)
+    seen = {}  # env: (lowest, highest) value of any seed, so that a wide interval (2 seeds: t = 12.7) stays in view
     for exp in order:
         for env, ax in axes.items():
             curves = []
@@ -139,6 +140,8 @@ def curve_figure(plt, data, tag, title, ylabel, xkind="steps", transform=None, l
             if not curves:
                 continue
             grid = np.linspace(min(c[0].min() for c in curves), max(c[0].max() for c in curves), 200)
+            lo_env, hi_env = seen.get(env, (np.inf, -np.inf))
+            seen[env] = (min(lo_env, *(np.nanmin(c[1]) for c in curves)), max(hi_env, *(np.nanmax(c[1]) for c in curves)))
             grid, mean, lo, hi = band(curves, grid, "minmax" if logy else spread)
             color = color_of(exp, order)
             ax.plot(grid, mean, color=color, label=f"{exp} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
@@ -150,6 +153,9 @@ def curve_figure(plt, data, tag, title, ylabel, xkind="steps", transform=None, l
         ax.set_ylabel(ylabel)
         if logy:
             ax.set_yscale("log")
+        elif env in seen and np.isfinite(seen[env]).all() and seen[env][1] > seen[env][0]:
+            low, high = seen[env]  # the band may run past the seeds' own range: cut it at the axes, not the curves
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
         if hline is not None:
             ax.axhline(hline, color="k", linestyle="--", linewidth=1)
         if ax.get_legend_handles_labels()[0]:

@@ -45,12 +45,12 @@ def welch_interval(a, b, level=0.95):
     return diff, diff - half, diff + half
 
 
-def fmt_return(rows):
+def fmt_return(rows, dec=0):
     if not rows:
         return "-"
     finals = np.array([r["final_return"] for r in rows])
-    sd = f" +- {finals.std(ddof=1):.0f}" if len(finals) > 1 else ""
-    return f"{finals.mean():.0f}{sd} ({len(finals)})"
+    sd = f" +- {finals.std(ddof=1):.{dec}f}" if len(finals) > 1 else ""
+    return f"{finals.mean():.{dec}f}{sd} ({len(finals)})"
 
 
 def table(runs, algorithms=ALGORITHMS):
@@ -65,17 +65,19 @@ def table(runs, algorithms=ALGORITHMS):
              "|" + "---|" * (len(algorithms) + (5 if second else 4))]
     for env_id in sorted(runs):
         by = runs[env_id]
+        # one decimal where every return is small (Swimmer, Reacher), so that -4.3 and -5.5 stay apart
+        dec = 1 if all(abs(r["final_return"]) < 100 for rows in by.values() for r in rows) else 0
         diff, lo, hi = welch_interval([r["final_return"] for r in by.get(first, [])],
                                       [r["final_return"] for r in by.get(second, [])])
-        drops = " / ".join(f"{np.median([r['peak_return'] - r['final_return'] for r in by[a]]):.0f}"
+        drops = " / ".join(f"{np.median([r['peak_return'] - r['final_return'] for r in by[a]]):.{dec}f}"
                            if by.get(a) else "-" for a in algorithms)
         fixpo = by.get(first, [])
         share = f"{np.mean([r['fixup_share'] for r in fixpo]):.2%}" if fixpo else "-"
         inside = (f"{np.mean([r['updates_in_region'] for r in fixpo]):.2%}, worst "
                   f"{max(r['worst_kl_over_eps'] for r in fixpo):.3f} x eps_kl, "
                   f"{int(sum(r['fallbacks'] for r in fixpo))} fallbacks") if fixpo else "-"
-        interval = "-" if np.isnan(diff) else f"{diff:+.0f}" + ("" if np.isnan(lo) else f" [{lo:+.0f}, {hi:+.0f}]")
-        lines.append(f"| {env_id} | " + " | ".join(fmt_return(by.get(a, [])) for a in algorithms)
+        interval = "-" if np.isnan(diff) else f"{diff:+.{dec}f}" + ("" if np.isnan(lo) else f" [{lo:+.{dec}f}, {hi:+.{dec}f}]")
+        lines.append(f"| {env_id} | " + " | ".join(fmt_return(by.get(a, []), dec) for a in algorithms)
                      + (f" | {interval}" if second else "") + f" | {drops} | {share} | {inside} |")
     return "\n".join(lines)
 

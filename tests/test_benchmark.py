@@ -265,6 +265,9 @@ def test_table_reports_each_algorithm_and_the_interval_of_the_difference(tmp_pat
     assert "| Swimmer-v5 | 110 +- 10 (3) | 10 | 1.00% | 100.00%, worst 0.900 x eps_kl, 0 fallbacks |" in alone
     diff, lo, hi = table.welch_interval([100, 110, 120], [90, 100, 110])
     assert diff == 10 and lo < 0 < hi and hi - diff == pytest.approx(diff - lo)
+    small = tmp_path / "small.csv"  # returns under 100 (Reacher): one decimal
+    small.write_text(rows[0] + "\nfixpo,Reacher-v5,1,1000,-5.52,-3.7,0.9,1,0.01,0,60\nfixpo,Reacher-v5,2,1000,-5.32,-3.9,0.9,1,0.01,0,60\n")
+    assert "| Reacher-v5 | -5.4 +- 0.1 (2) | 1.6 |" in table.table(table.read(str(small)), ["fixpo"])
 
 
 def test_algorithm_figures_are_pngs(synthetic):
