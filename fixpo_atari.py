@@ -70,7 +70,8 @@ class Args:
 
     # Algorithm-specific arguments
     env_id: str = "BreakoutNoFrameskip-v4"
-    """the Atari game (BreakoutNoFrameskip-v4, ALE/Breakout-v5, Breakout-v5 and breakout all mean ale-py's breakout)"""
+    """the Atari game (BreakoutNoFrameskip-v4, ALE/Breakout-v5, Breakout-v5, breakout: ale-py's breakout, always with
+    the NoFrameskip-v4 protocol of CleanRL's PPO: no sticky actions, up to 30 no-ops; not v5's sticky actions)"""
     total_timesteps: int = 10000000
     """total environment steps of the experiment (agent steps; x4 frames)"""
     learning_rate: float = 2.5e-4
@@ -333,11 +334,20 @@ class Beta:
         """One step on L_beta; kl: KL(s) at a minibatch's states, group: each state's beta index (None: all 0)."""
         group = torch.zeros(len(kl), dtype=torch.long, device=kl.device) if group is None else group
         kl_max = torch.full_like(self.value, float("nan")).scatter_reduce(0, group, kl.detach(), "amax", include_self=False)
+        absent = kl_max.isnan()  # a group with no state here: Adam's momentum alone would still move its beta_k
+        kept = [t.detach().clone() for t in self.moments()] if absent.any() else []
         self.optimizer.zero_grad()
         beta_loss(self.value, kl_max, self.eps_kl, self.c_beta).backward()
         self.optimizer.step()
         with torch.no_grad():
+            for t, old in zip(self.moments(), kept):  # so an absent group keeps its beta_k and its Adam moments
+                t[absent] = old[absent]
             self.value.clamp_(0.0, self.beta_max)  # >= 0: a multiplier; <= beta_max: the penalty never swamps L_pi
+
+    def moments(self):
+        """beta and its Adam moments (those that exist yet): the per-group state of the multipliers."""
+        state = self.optimizer.state[self.value]
+        return [self.value] + [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
 
     def __float__(self):
         return self.value.mean().item()  # several groups: their mean
@@ -560,7 +570,7 @@ if __name__ == "__main__":
         check_args(args)
         if args.eval_checkpoint is not None:
             try:
-                load_model(args.eval_checkpoint)["agent"]
+                load_model(args.eval_checkpoint)["agent"]["actor.bias"]  # a categorical head: this script's model
             except Exception as e:
                 raise UsageError(f"cannot read a checkpoint at {args.eval_checkpoint!r} ({type(e).__name__})") from None
             torch.set_num_threads(args.threads)
@@ -774,7 +784,7 @@ if __name__ == "__main__":
             checkpoint(iteration)  # only ever after a complete update with finite parameters
         if stop.signum is not None:
             print(f"checkpoint written; continue with: python {sys.argv[0]} --resume {checkpoint_path}", flush=True)
-            envs.close()  # finishes a --capture-video clip
+            envs.close()
             writer.close()
             sys.exit(128 + stop.signum)
 

@@ -340,11 +340,20 @@ class Beta:
         """One step on L_beta; kl: KL(s) at a minibatch's states, group: each state's beta index (None: all 0)."""
         group = torch.zeros(len(kl), dtype=torch.long, device=kl.device) if group is None else group
         kl_max = torch.full_like(self.value, float("nan")).scatter_reduce(0, group, kl.detach(), "amax", include_self=False)
+        absent = kl_max.isnan()  # a group with no state here: Adam's momentum alone would still move its beta_k
+        kept = [t.detach().clone() for t in self.moments()] if absent.any() else []
         self.optimizer.zero_grad()
         beta_loss(self.value, kl_max, self.eps_kl, self.c_beta).backward()
         self.optimizer.step()
         with torch.no_grad():
+            for t, old in zip(self.moments(), kept):  # so an absent group keeps its beta_k and its Adam moments
+                t[absent] = old[absent]
             self.value.clamp_(0.0, self.beta_max)  # >= 0: a multiplier; <= beta_max: the penalty never swamps L_pi
+
+    def moments(self):
+        """beta and its Adam moments (those that exist yet): the per-group state of the multipliers."""
+        state = self.optimizer.state[self.value]
+        return [self.value] + [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
 
     def __float__(self):
         return self.value.mean().item()  # several groups: their mean
@@ -679,7 +688,8 @@ if __name__ == "__main__":
     state_task = torch.as_tensor(env_task, device=device).repeat(T)  # the task of every state, flattened as the batch
 
     global_step, total_primary, total_fixup, fallbacks, first_iteration = 0, 0, 0, 0, 1
-    recent_returns, recent_success, tracker = deque(maxlen=20), deque(maxlen=20), SuccessTracker(N)
+    # the last 20 episodes, or one per env where more envs end together (MT50: every task, not the last 20 envs')
+    recent_returns, recent_success, tracker = deque(maxlen=max(20, N)), deque(maxlen=max(20, N)), SuccessTracker(N)
     obs_norm, rew_norm = find_wrapper(envs, vw.NormalizeObservation), find_wrapper(envs, vw.NormalizeReward)
     checkpoint_path, stop = os.path.join(run_dir, "checkpoint.pt"), StopSignals()
 
@@ -720,6 +730,9 @@ if __name__ == "__main__":
 
     sys.excepthook = on_non_finite
     start_time, start_step = time.time(), global_step
+    if global_step:  # resumed: Meta-World ignores reset(seed=), so each env gets a new goal stream by reseeding
+        for i, env in enumerate(envs.unwrapped.envs):
+            env.unwrapped.seed(args.seed + global_step + i)
     next_obs, _ = envs.reset(seed=args.seed + global_step)
     next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
     next_valid = torch.ones(N, device=device)

@@ -316,11 +316,20 @@ class Beta:
         """One step on L_beta; kl: KL(s) at a minibatch's states, group: each state's beta index (None: all 0)."""
         group = torch.zeros(len(kl), dtype=torch.long, device=kl.device) if group is None else group
         kl_max = torch.full_like(self.value, float("nan")).scatter_reduce(0, group, kl.detach(), "amax", include_self=False)
+        absent = kl_max.isnan()  # a group with no state here: Adam's momentum alone would still move its beta_k
+        kept = [t.detach().clone() for t in self.moments()] if absent.any() else []
         self.optimizer.zero_grad()
         beta_loss(self.value, kl_max, self.eps_kl, self.c_beta).backward()
         self.optimizer.step()
         with torch.no_grad():
+            for t, old in zip(self.moments(), kept):  # so an absent group keeps its beta_k and its Adam moments
+                t[absent] = old[absent]
             self.value.clamp_(0.0, self.beta_max)  # >= 0: a multiplier; <= beta_max: the penalty never swamps L_pi
+
+    def moments(self):
+        """beta and its Adam moments (those that exist yet): the per-group state of the multipliers."""
+        state = self.optimizer.state[self.value]
+        return [self.value] + [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
 
     def __float__(self):
         return self.value.mean().item()  # several groups: their mean

@@ -309,6 +309,14 @@ def test_bad_input_is_one_clear_line(case, tmp_path):
     assert not os.path.exists(tmp_path / "runs")  # nothing written
 
 
+def test_another_scripts_model_is_one_clear_line(tmp_path):
+    path = tmp_path / "gaussian.fixpo_model"  # what fixpo_continuous.py saves: no categorical head
+    torch.save({"agent": {"actor_mean.0.weight": torch.zeros(2, 2)}, "args": {"env_id": "Hopper-v4"}}, path)
+    p = run(["--eval-checkpoint", str(path)], tmp_path)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 1 and len(lines) == 1 and "cannot read a checkpoint" in lines[0], p.stderr
+
+
 @pytest.mark.parametrize("flags, expected", [
     ({"eps_kl": 0.0}, "--eps-kl"), ({"c_beta": 0.5}, "--c-beta"), ({"num_envs": 3, "num_steps": 5}, "not divisible"),
     ({"total_timesteps": 100}, "less than one batch"),

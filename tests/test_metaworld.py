@@ -96,6 +96,18 @@ def test_per_task_beta_moves_each_multiplier_on_its_own_states():
     assert b[0] > 1.0 and b[1] < 1.0 and b[2] == 1.0  # task 2 has no state here: no gradient, no step yet
 
 
+def test_absent_task_keeps_its_beta_and_momentum():
+    """Adam steps the whole vector: without care, a task missing from a minibatch moves on its old momentum."""
+    beta = fm.Beta(1.0, 0.01, eps_kl=0.5, c_beta=3.0, beta_max=100.0, num_groups=2)
+    beta.step(torch.tensor([0.4, 0.4]), torch.tensor([0, 1]))  # both over eps_kl / c_beta: both rise
+    b1, m1 = beta.value[1].item(), beta.optimizer.state[beta.value]["exp_avg"][1].item()
+    assert b1 > 1.0
+    for _ in range(5):
+        beta.step(torch.tensor([0.4]), torch.tensor([0]))  # task 1 absent
+    assert beta.value[1].item() == b1 and beta.optimizer.state[beta.value]["exp_avg"][1].item() == m1
+    assert beta.value[0].item() > b1
+
+
 def test_shared_beta_is_the_single_task_multiplier():
     """One group: a step on every state's KL is fixpo_continuous's step on max_s KL(s) alone."""
     shared, single = fm.Beta(1.0, 0.05, 0.2, 3.0, 100.0), fc.Beta(1.0, 0.05, 0.2, 3.0, 100.0)
