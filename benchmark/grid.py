@@ -85,6 +85,11 @@ GRIDS = {
     "cbeta_tail": dict(runs={"fixpo_cbeta5": CBETA["fixpo_cbeta5"]}, env_ids=["Swimmer-v5", "InvertedDoublePendulum-v5"],
                        seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed", keep_scalars=True,
                        checkpoint_every=100),
+    # screen for the two tasks where PPO-clip's seed 1 ended above FixPO's (Swimmer-v5, Walker2d-v5): FixPO from
+    # PPO-clip's initial std 1.0 (log-std 0) instead of 0.37, more exploration early
+    "init_log_std": dict(runs={"fixpo_logstd0": (FIXPO, ["--init-log-std", "0.0"])}, env_ids=["Swimmer-v5", "Walker2d-v5"],
+                         seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed", keep_scalars=True,
+                         checkpoint_every=100),
     "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
                         **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
                   env_ids=MUJOCO6, seeds=list(range(1, 11)), total_timesteps=3000000),
