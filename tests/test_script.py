@@ -90,6 +90,25 @@ def test_a_runs_checkpoint_evaluates_as_its_saved_model(trained):
     assert float(re.search(r"^mean (\S+)", e.stdout, re.M).group(1)) == in_training
 
 
+def test_a_model_saved_on_a_gpu_evaluates_on_a_cpu(trained, tmp_path, monkeypatch):
+    """A model saved by a CUDA run (tensors tagged cuda:0) loads on a machine without one: load_model maps to the CPU."""
+    import torch
+    import torch.serialization
+
+    cwd, p = trained
+    (model,) = glob.glob(str(cwd / "runs" / "*" / "*.fixpo_model"))
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")  # as torch.save writes a CUDA tensor
+        torch.save(torch.load(model), tmp_path / "gpu.fixpo_model")
+    if not torch.cuda.is_available():  # the file really is a CUDA one: a plain torch.load refuses it here
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "gpu.fixpo_model")
+    in_training = float(re.search(r"evaluation: mean (\S+)", p.stdout).group(1))
+    e = run(["--eval-checkpoint", str(tmp_path / "gpu.fixpo_model"), "--eval-episodes", "3", "--seed", "3"], cwd)
+    assert e.returncode == 0, e.stderr
+    assert float(re.search(r"^mean (\S+)", e.stdout, re.M).group(1)) == in_training
+
+
 def test_evaluation_uses_the_saved_normalisation_statistics(trained):
     import torch
 
