@@ -79,7 +79,9 @@ def band(curves, grid, spread="se"):
         ys = np.array([binned_max(x, y, grid) for x, y in curves])
     else:
         ys = np.array([np.interp(grid, x, y, left=np.nan, right=np.nan) for x, y in curves])
-    keep = ~np.all(np.isnan(ys), axis=0)  # grid points past every seed's end are dropped
+    # only where every seed has a value: past one seed's end (a paused run, or its last episode a few steps before
+    # another's) the mean would be the other seeds' alone and jump
+    keep = ~np.any(np.isnan(ys), axis=0)
     grid, ys = grid[keep], ys[:, keep]
     mean = np.nanmean(ys, axis=0)
     if spread == "minmax":

@@ -102,6 +102,10 @@ def test_running_mean_and_band():
     g, mean, lo, hi = plots.band([(x3, np.array([1.0, 3.0, 10.0])), (x3, np.array([2.0, 0.5, 12.0]))],
                                  np.array([5.0, 20.0, 30.0]), spread="minmax")
     assert np.allclose(g, [5.0, 20.0]) and np.allclose(lo, [2.0, 10.0]) and np.allclose(hi, [3.0, 12.0])  # 30: empty
+    # seeds of different lengths: the mean stops where the shorter seed ends, it never falls back to one seed
+    g, mean, lo, hi = plots.band([(x, np.array([0.0, 10.0])), (np.array([0.0, 5.0]), np.array([2.0, 7.0]))],
+                                 np.array([0.0, 5.0, 10.0]))
+    assert np.allclose(g, [0.0, 5.0]) and np.allclose(mean, [1.0, 6.0])
 
 
 FAKE = textwrap.dedent("""
