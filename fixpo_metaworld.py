@@ -194,6 +194,12 @@ def make_env(task_name, idx, capture_video, run_name, seed):
     return thunk
 
 
+def reseed_goals(envs, seed):
+    """Env i's goal-sampling stream restarts at seed + i (Meta-World ignores reset(seed=)), as make_env seeds it."""
+    for i, env in enumerate(envs.unwrapped.envs):
+        env.unwrapped.seed(seed + i)
+
+
 def make_envs(tasks, num_envs, gamma, seed, one_hot=False, capture_video=False, run_name=""):
     # env i runs task i % len(tasks). NEXT_STEP autoreset: the step after a done is a fake "autoreset" transition.
     # Meta-World's own RecordEpisodeStatistics is inside each env: returns are the true, unnormalised ones.
@@ -730,9 +736,8 @@ if __name__ == "__main__":
 
     sys.excepthook = on_non_finite
     start_time, start_step = time.time(), global_step
-    if global_step:  # resumed: Meta-World ignores reset(seed=), so each env gets a new goal stream by reseeding
-        for i, env in enumerate(envs.unwrapped.envs):
-            env.unwrapped.seed(args.seed + global_step + i)
+    if global_step:  # resumed: new goals, not a replay of the run's first ones
+        reseed_goals(envs, args.seed + global_step)
     next_obs, _ = envs.reset(seed=args.seed + global_step)
     next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
     next_valid = torch.ones(N, device=device)

@@ -186,6 +186,26 @@ def test_mt10_observation_is_normalised_state_plus_exact_one_hot():
     envs.close()
 
 
+def test_a_resumed_run_gets_new_goals_not_a_replay_of_the_first_ones():
+    """Meta-World ignores reset(seed=): without reseed_goals a resumed run would replay the goals its start saw."""
+    def goals(reseed=None):
+        envs = fm.make_envs(["reach-v3"], 2, 0.99, seed=0)
+        if reseed is not None:
+            fm.reseed_goals(envs, reseed)
+        out = []
+        for _ in range(3):  # three episodes' goals per env
+            envs.reset()
+            out.append(np.stack([e.unwrapped._target_pos.copy() for e in envs.unwrapped.envs]))
+        envs.close()
+        return np.stack(out)
+
+    start = goals()
+    assert np.array_equal(goals(reseed=0), start)  # reseed_goals(seed) is the stream make_env starts with
+    resumed = goals(reseed=0 + 5000)  # as the script does on --resume at step 5000
+    resumed, start = resumed.reshape(-1, 3), start.reshape(-1, 3)
+    assert not np.any(np.all(np.isclose(resumed[:, None], start[None]), axis=-1))  # no goal of the start repeats
+
+
 # ---- the script end to end ----
 
 @pytest.fixture(scope="module")
