@@ -12,6 +12,11 @@ Steps/s of a run: agent steps between the end of its first update (the warm-up) 
 between them, from the TensorBoard events both scripts write at the end of every update (charts/SPS's wall time).
 Writes OUT/speed.csv (round, mode, script, threads, steps_per_s), appending, and prints it.
 Run it on an otherwise idle machine: other jobs change the numbers.
+
+    python benchmark/atari_speed.py --window "2026-12-03 18:20" "2026-12-03 18:40" --runs benchmark/results/atari/runs/*
+
+prints instead the steps/s of long runs (any run folders of either script) between two wall-clock times (UTC):
+runs that share the machine over the same minutes, late in training, compared from their TensorBoard events.
 """
 import argparse
 import csv
@@ -20,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from datetime import datetime, timezone
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -32,14 +38,15 @@ def command(script, env_id, seed, steps, threads):
     return cmd + (["--threads", str(threads)] if script == FIXPO else [])
 
 
-def steps_per_s(workdir):
-    """From the run's TensorBoard events: steps after the first update over the wall time they took."""
-    (run_dir,) = glob.glob(os.path.join(workdir, "runs", "*"))
+def steps_per_s(workdir=None, run_dir=None, t0=0.0, t1=float("inf")):
+    """From a run's TensorBoard events: steps after its first update (in [t0, t1]) over the wall time they took."""
+    if run_dir is None:
+        (run_dir,) = glob.glob(os.path.join(workdir, "runs", "*"))
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
-    events = acc.Scalars("charts/SPS")  # one per update, written when the update ends
+    events = [e for e in acc.Scalars("charts/SPS") if t0 <= e.wall_time <= t1]  # one per update, at its end
     if len(events) < 3:
-        raise SystemExit(f"error: {run_dir} logged {len(events)} updates; need at least 3 (raise --updates)")
+        raise SystemExit(f"error: {run_dir} has {len(events)} update events in the window; need at least 3")
     first, last = events[0], events[-1]
     return (last.step - first.step) / (last.wall_time - first.wall_time)
 
@@ -71,15 +78,22 @@ def run_mode(mode, threads, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cleanrl", required=True, help="CleanRL's ppo_atari.py, as benchmark/cleanrl_atari.py prepares it")
+    ap.add_argument("--cleanrl", help="CleanRL's ppo_atari.py, as benchmark/cleanrl_atari.py prepares it")
     ap.add_argument("--env-id", default="BreakoutNoFrameskip-v4")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--updates", type=int, default=12, help="updates per run (1,024 agent steps each)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--alone-threads", type=int, nargs="*", default=[1, 2], help="thread counts of the alone runs")
     ap.add_argument("--out", default="benchmark/results/atari_speed")
+    ap.add_argument("--window", nargs=2, metavar=("START", "END"), help="UTC times, e.g. '2026-12-03 18:20'")
+    ap.add_argument("--runs", nargs="*", default=[], help="run folders, with --window")
     args = ap.parse_args()
-    if not os.path.isfile(args.cleanrl):
+    if args.window:
+        t0, t1 = (datetime.fromisoformat(t).replace(tzinfo=timezone.utc).timestamp() for t in args.window)
+        for run_dir in args.runs:
+            print(os.path.basename(os.path.normpath(run_dir)), round(steps_per_s(run_dir=run_dir, t0=t0, t1=t1), 1))
+        return
+    if not args.cleanrl or not os.path.isfile(args.cleanrl):
         raise SystemExit(f"error: {args.cleanrl} not found; prepare it with benchmark/cleanrl_atari.py")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "speed.csv")
