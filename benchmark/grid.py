@@ -66,6 +66,12 @@ GRIDS = {
     "atari_eps0.2": dict(out="atari_eps0.2", runs={"fixpo": ("fixpo_atari.py", ["--eps-kl", "0.2"])},
                          env_ids=["PongNoFrameskip-v4"], seeds=[1], total_timesteps=2000000,
                          keep_scalars=True, checkpoint_every=10),
+    # screen for Breakout, where at eps_kl 0.02 beta climbs past 19 and the per-state KL's max is ~35x its mean by
+    # 1M steps (the bound binds: little mean movement per update) while the score stalls: a 2.5x larger radius,
+    # Breakout first, then Pong (must not lose there, as eps_kl 0.2 did)
+    "atari_eps0.05": dict(out="atari_eps0.05", runs={"fixpo_eps0.05": ("fixpo_atari.py", ["--eps-kl", "0.05"])},
+                          env_ids=["BreakoutNoFrameskip-v4", "PongNoFrameskip-v4"], seeds=[1], total_timesteps=2000000,
+                          order="seed", keep_scalars=True, checkpoint_every=10),
     # screen for the mujoco grid's FixPO rows (Hopper-v5, Walker2d-v5, seeds 1-5): a floor under beta
     "beta_floor": dict(runs={"fixpo_beta_floor": ("ablations/fixpo_beta_floor.py", [])},
                        env_ids=["Hopper-v5", "Walker2d-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
