@@ -358,3 +358,21 @@ def test_binned_reads_a_kept_scalars_file_as_its_run_directory(synthetic, tmp_pa
     kept = grid.scalars_path(str(tmp_path), "fixpo", "Hopper-v4", 1)
     assert binned.binned_means(kept, ["fixpo/beta"], 4096) == binned.binned_means(run, ["fixpo/beta"], 4096)
     assert binned.table([kept], ["fixpo/beta"], 4096).splitlines()[2].startswith("| fixpo__Hopper-v4__1 | fixpo/beta |")
+
+
+def test_atari_speed_window_is_steps_over_wall_time_between_update_events(tmp_path):
+    """atari_speed.py --window: steps/s of a run between two wall-clock times, from its per-update charts/SPS
+    events (the logged SPS values themselves are ignored: CleanRL's are averages since its start)."""
+    import atari_speed
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = str(tmp_path / "runs" / "BreakoutNoFrameskip-v4__x__1__1000")
+    writer = SummaryWriter(run_dir)
+    t0 = 1_800_000_000.0
+    for u in range(1, 11):  # 1,024 steps per update; 10 s an update, then 20 s from update 6 on
+        writer.add_scalar("charts/SPS", 999, 1024 * u, walltime=t0 + 10 * min(u, 5) + 20 * max(u - 5, 0))
+    writer.close()
+    assert atari_speed.steps_per_s(run_dir=run_dir) == pytest.approx(1024 * 9 / 140)
+    assert atari_speed.steps_per_s(run_dir=run_dir, t0=t0 + 50, t1=t0 + 150) == pytest.approx(1024 / 20)
+    with pytest.raises(SystemExit, match="2 update events in the window"):
+        atari_speed.steps_per_s(run_dir=run_dir, t0=t0 + 5, t1=t0 + 25)
