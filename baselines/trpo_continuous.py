@@ -468,15 +468,16 @@ def restore_rng(rng):
 
 class StopSignals:
     """SIGINT/SIGTERM set a flag that the loop reads after each update, to checkpoint and exit cleanly; a second
-    signal stops at once."""
+    signal stops at once, and so does the first once `training_over` is set (the model is saved: only the final
+    evaluation is left)."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.training_over = None, False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.signum is not None:
+        if self.signum is not None or self.training_over:
             raise KeyboardInterrupt
         self.signum = signum
         print(f"{signal.Signals(signum).name}: stopping after this update (again to stop now)", flush=True)
@@ -684,6 +685,7 @@ if __name__ == "__main__":
         model_path = os.path.join(run_dir, f"{args.exp_name}.fixpo_model")
         save_checkpoint(model_path, agent, envs, args, global_step)
         print(f"model saved to {model_path}")
+        stop.training_over = True  # a signal now ends the evaluation at once, rather than after it
         eval_returns = evaluate(model_path, args.eval_episodes, args.seed, args.eval_deterministic, False, device)
         for i, r in enumerate(eval_returns):
             writer.add_scalar("eval/episodic_return", r, i)

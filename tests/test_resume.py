@@ -135,3 +135,23 @@ def test_typed_fields_sees_every_spelling_of_a_flag():
 
     typed = fc.typed_fields(["--eps-kl", "0.2", "--num-envs=8", "--no-anneal-lr", "--env-id", "Hopper-v4"])
     assert {"eps_kl", "num_envs", "anneal_lr", "env_id"} <= typed and "hopper_v4" not in typed
+
+
+def test_a_signal_during_the_final_evaluation_stops_it_at_once(tmp_path):
+    """After training the model is saved; a first SIGINT during --save-model's evaluation must end it then, not
+    after every episode (here 100,000 Pendulum episodes: hours)."""
+    p = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--total-timesteps", "128", "--save-model",
+                          "--eval-episodes", "100000"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(ENV, PYTHONUNBUFFERED="1"))
+    for line in p.stdout:  # until the model is saved and the evaluation starts
+        if line.startswith("model saved to"):
+            break
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    try:
+        out, err = p.communicate(timeout=60)  # a hang guard: without the fix the evaluation goes on for hours
+    finally:
+        p.kill()
+    assert p.returncode != 0 and "KeyboardInterrupt" in err
+    (model,) = glob.glob(str(tmp_path / "runs" / "*" / "*.fixpo_model"))
+    assert torch.load(model, weights_only=False)["global_step"] == 128  # the saved model is whole
