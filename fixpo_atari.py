@@ -742,7 +742,7 @@ if __name__ == "__main__":
             fallbacks += fix.fallback
             if fix.grad_steps or fix.fallback:
                 with torch.no_grad():
-                    probe = b_obs[::max(1, len(b_obs) // 256)]  # 256 states: 2 whole-batch passes cost 15%
+                    probe = b_obs[::(len(b_obs) + 255) // 256]  # <= 256 states: whole-batch passes cost 15%
                     value_shift += (agent.get_value(probe) - agent_before.get_value(probe)).abs().mean().item()
             if fix.fallback:
                 report_fallback(iteration, fix)
@@ -766,7 +766,7 @@ if __name__ == "__main__":
             "fixpo/fixup_fraction": fixup_steps / (primary_steps + fixup_steps),
             "fixpo/fixup_fraction_cumulative": total_fixup / (total_primary + total_fixup),
             "fixpo/fixup_fallbacks": fallbacks,  # cumulative; should stay 0
-            "fixpo/fixup_value_shift": value_shift,  # mean_s |V after - V before| (256 states), summed over the fixup phases
+            "fixpo/fixup_value_shift": value_shift,  # mean_s |V after - V before| (<= 256 states), summed over the fixup phases
             "charts/learning_rate": lr_now,
             "charts/SPS": sps,
             "losses/value_loss": v_loss.item(),

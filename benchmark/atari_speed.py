@@ -17,6 +17,11 @@ Run it on an otherwise idle machine: other jobs change the numbers.
 
 prints instead the steps/s of long runs (any run folders of either script) between two wall-clock times (UTC):
 runs that share the machine over the same minutes, late in training, compared from their TensorBoard events.
+
+    py-spy record -p PID -d 60 -r 25 --nonblocking -f raw -o profile.txt      # a running fixpo_atari.py
+    python benchmark/atari_speed.py --profile profile.txt
+
+prints the share of samples under each call site of the script's own lines (up to three nested), largest first.
 """
 import argparse
 import csv
@@ -49,6 +54,18 @@ def steps_per_s(workdir=None, run_dir=None, t0=0.0, t1=float("inf")):
         raise SystemExit(f"error: {run_dir} has {len(events)} update events in the window; need at least 3")
     first, last = events[0], events[-1]
     return (last.step - first.step) / (last.wall_time - first.wall_time)
+
+
+def profile_shares(path, script="fixpo_atari.py", depth=3, top=12):
+    """[(share, call path)] from py-spy's raw format (one 'frame;frame;... count' line per distinct stack)."""
+    counts, total = {}, 0
+    for line in open(path):
+        stack, n = line.rstrip("\n").rsplit(" ", 1)
+        own = [f.split(" ")[0] + ":" + f.rsplit(":", 1)[-1].rstrip(")") for f in stack.split(";") if script in f]
+        key = " > ".join(own[:depth]) or "(outside the script)"
+        counts[key] = counts.get(key, 0) + int(n)
+        total += int(n)
+    return sorted(((c / total, k) for k, c in counts.items()), reverse=True)[:top]
 
 
 def launch(script, args, threads, workdir):
@@ -87,7 +104,12 @@ def main():
     ap.add_argument("--out", default="benchmark/results/atari_speed")
     ap.add_argument("--window", nargs=2, metavar=("START", "END"), help="UTC times, e.g. '2026-12-03 18:20'")
     ap.add_argument("--runs", nargs="*", default=[], help="run folders, with --window")
+    ap.add_argument("--profile", help="a py-spy raw profile of fixpo_atari.py: print where its time went")
     args = ap.parse_args()
+    if args.profile:
+        for share, where in profile_shares(args.profile):
+            print(f"{share:6.1%}  {where}")
+        return
     if args.window:
         t0, t1 = (datetime.fromisoformat(t).replace(tzinfo=timezone.utc).timestamp() for t in args.window)
         for run_dir in args.runs:

@@ -376,3 +376,16 @@ def test_atari_speed_window_is_steps_over_wall_time_between_update_events(tmp_pa
     assert atari_speed.steps_per_s(run_dir=run_dir, t0=t0 + 50, t1=t0 + 150) == pytest.approx(1024 / 20)
     with pytest.raises(SystemExit, match="2 update events in the window"):
         atari_speed.steps_per_s(run_dir=run_dir, t0=t0 + 5, t1=t0 + 25)
+
+
+def test_atari_speed_profile_shares_group_samples_by_the_script_s_call_sites(tmp_path):
+    import atari_speed
+
+    raw = tmp_path / "profile.txt"
+    raw.write_text("<module> (fixpo_atari.py:729);backward (torch/autograd/graph.py:979) 6\n"
+                   "<module> (fixpo_atari.py:737);fixup_phase (fixpo_atari.py:384);batch_kl (fixpo_atari.py:279) 3\n"
+                   "<module> (fixpo_atari.py:729);step (torch/optim/adam.py:10) 2\n"
+                   "_bootstrap (threading.py:1) 1\n")
+    assert atari_speed.profile_shares(str(raw)) == [
+        (8 / 12, "<module>:729"), (3 / 12, "<module>:737 > fixup_phase:384 > batch_kl:279"),
+        (1 / 12, "(outside the script)")]
