@@ -543,8 +543,7 @@ def restore_rng(rng):
 
 class StopSignals:
     """SIGINT/SIGTERM set a flag that the loop reads after each update, to checkpoint and exit cleanly; a second
-    signal stops at once, and so does the first once `training_over` is set (the model is saved: only the final
-    evaluation is left)."""
+    signal stops at once, as does the first once `training_over` (the model saved, only its evaluation left)."""
 
     def __init__(self):
         self.signum, self.training_over = None, False
@@ -790,8 +789,8 @@ if __name__ == "__main__":
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.fixpo_model")
         save_checkpoint(model_path, agent, envs, args, global_step)
-        print(f"model saved to {model_path}")
         stop.training_over = True  # a signal now ends the evaluation at once, rather than after it
+        print(f"model saved to {model_path}")
         eval_returns = evaluate(model_path, args.eval_episodes, args.seed, args.eval_deterministic, False, device)
         for i, r in enumerate(eval_returns):
             writer.add_scalar("eval/episodic_return", r, i)
