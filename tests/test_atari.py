@@ -367,3 +367,17 @@ def test_video_env_presses_fire_after_reset(module):
     ended = _FireGame(fire_ends_episode=True)  # FIRE that ends the episode: reset once more, do not return a done state
     mod.FireOnReset(ended).reset()
     assert ended.actions == [1] and ended.resets == 2
+
+
+def test_kl_tail_updates_a_checkpoint_both_ways_and_fixpo_stays_inside(trained):
+    """benchmark/kl_tail.py: from a run's checkpoint, FixPO's update ends inside eps_kl on the batch; PPO's is measured."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    import kl_tail
+
+    cwd, _ = trained
+    (ckpt,) = glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))
+    rows = kl_tail.main([ckpt, "--batches", "1", "--warmup", "10"])
+    (fixpo,), (ppo,) = rows["fixpo"], rows["ppo"]
+    assert 0 < fixpo["max"] <= 0.0003  # the trained fixture's eps_kl
+    assert fixpo["median"] <= fixpo["q99"] <= fixpo["max"] and 0 < fixpo["top1_share"] <= 1
+    assert ppo["max"] > 0 and ppo["fixup_steps"] is None
