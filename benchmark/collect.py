@@ -1,7 +1,8 @@
 """Collect every scalar of every run into one long CSV: one row per (run, tag, step).
 
     python benchmark/collect.py benchmark/results/quick/runs/* --csv benchmark/results/quick/scalars.csv
-    python benchmark/collect.py benchmark/results/atari/runs/* --csv /tmp/atari.csv --summary benchmark/results/atari/summary.csv
+    python benchmark/collect.py benchmark/results/atari/scalars/*.csv.gz benchmark/results/atari/runs/*ppo_cleanrl* \
+        --csv /tmp/atari.csv --summary benchmark/results/atari/summary.csv
 
 Columns: run, env_id, exp_name, seed, tag, step, wall_time, value. The run directory's name gives the
 first three ({env_id}__{exp_name}__{seed}__{time}, as every script here names it), and exp_name is the
@@ -9,7 +10,8 @@ algorithm's label in the plots. eps_kl and c_beta are added as pseudo-tags `hpar
 (at step 0) for runs that log them, so plots can draw kl_max / eps_kl and the primary phase's target.
 --summary also writes summary.csv (columns SUMMARY, one row per run, as grid.py does for finished runs) from
 any run directories, finished or paused (`steps` says how far each got); runs that log no trust_region/kl_max
-(CleanRL's own scripts) get nan in the two KL columns.
+(CleanRL's own scripts) get nan in the two KL columns. An input ending in .csv.gz is a run's scalars as grid.py
+keeps them (benchmark/results/*/scalars/), read in place of its run directory, which a fresh checkout may not have.
 """
 import argparse
 import csv
@@ -47,14 +49,28 @@ def read_run(run_dir):
     return rows
 
 
+def read_kept(path):
+    """Rows of one run from grid.py's kept scalars file (gzipped CSV, COLUMNS)."""
+    with gzip.open(path, "rt", newline="") as g:
+        reader = csv.reader(g)
+        if next(reader, None) != COLUMNS:
+            raise ValueError(f"{path}: not a kept scalars file (columns {', '.join(COLUMNS)})")
+        return list(reader)
+
+
 def collect(run_dirs, csv_path):
-    """Write the CSV (atomically: a crash never leaves half a file); returns the number of rows."""
-    n = 0
+    """Write the CSV (atomically: a crash never leaves half a file) from run directories and/or kept scalars
+    files; returns the number of rows. The same run given twice (its folder and its kept file) is refused."""
+    n, seen = 0, {}
     with open(csv_path + ".tmp", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
-        for run_dir in sorted(run_dirs):
-            rows = read_run(run_dir)
+        for source in sorted(run_dirs):
+            rows = read_kept(source) if source.endswith(".csv.gz") else read_run(source)
+            for run in {(r[2], r[1], str(r[3])) for r in rows}:  # (exp_name, env_id, seed): one summary row each
+                if run in seen:
+                    raise ValueError(f"{source}: run {'__'.join(run)} already read from {seen[run]}")
+                seen[run] = source
             writer.writerows(rows)
             n += len(rows)
     os.replace(csv_path + ".tmp", csv_path)
@@ -68,12 +84,9 @@ def concat_scalars(paths, csv_path):
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for path in sorted(paths):
-            with gzip.open(path, "rt", newline="") as g:
-                reader = csv.reader(g)
-                assert next(reader) == COLUMNS, f"{path}: unexpected columns"
-                for row in reader:
-                    writer.writerow(row)
-                    n += 1
+            rows = read_kept(path)
+            writer.writerows(rows)
+            n += len(rows)
     os.replace(csv_path + ".tmp", csv_path)
     return n
 
@@ -135,13 +148,14 @@ def write_summary(csv_path, summary_path):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", help="run directories (runs/{env_id}__{exp_name}__{seed}__{time})")
+    parser.add_argument("run_dirs", nargs="+", help="run directories (runs/{env_id}__{exp_name}__{seed}__{time}) "
+                        "or grid.py's kept scalars files (scalars/*.csv.gz)")
     parser.add_argument("--csv", required=True, help="the CSV to write")
     parser.add_argument("--summary", help="also write this summary.csv, one row per run")
     cli = parser.parse_args()
     try:
-        rows = collect([d for d in cli.run_dirs if os.path.isdir(d)], cli.csv)
-    except ValueError as e:
+        rows = collect([d for d in cli.run_dirs if os.path.isdir(d) or d.endswith(".csv.gz")], cli.csv)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     print(f"{rows} rows from {len(cli.run_dirs)} runs -> {cli.csv}")
     if cli.summary:

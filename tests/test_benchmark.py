@@ -389,3 +389,27 @@ def test_atari_speed_profile_shares_group_samples_by_the_script_s_call_sites(tmp
     assert atari_speed.profile_shares(str(raw)) == [
         (8 / 12, "<module>:729"), (3 / 12, "<module>:737 > fixup_phase:384 > batch_kl:279"),
         (1 / 12, "(outside the script)")]
+
+
+def test_summary_from_kept_scalars_beside_run_directories(synthetic, tmp_path):
+    """collect.py reads grid.py's kept scalars files (a finished run whose folder a checkout lacks) beside run
+    directories, to the same summary row, and refuses a run given twice (its folder and its kept file)."""
+    import gzip
+    import subprocess
+
+    runs = sorted(glob.glob(str(synthetic / "runs" / "Hopper-v4__fixpo__*")))
+    collect.collect(runs[:1], str(tmp_path / "one.csv"))
+    kept = tmp_path / "fixpo__Hopper-v4__1.csv.gz"
+    with open(tmp_path / "one.csv", "rb") as f, gzip.open(kept, "wb") as g:
+        g.write(f.read())
+    script = os.path.join(ROOT, "benchmark", "collect.py")
+    both = subprocess.run([sys.executable, script, str(kept), runs[1], "--csv", str(tmp_path / "a.csv"),
+                           "--summary", str(tmp_path / "a_summary.csv")], capture_output=True, text=True)
+    dirs = subprocess.run([sys.executable, script, *runs, "--csv", str(tmp_path / "b.csv"),
+                           "--summary", str(tmp_path / "b_summary.csv")], capture_output=True, text=True)
+    assert both.returncode == 0 and dirs.returncode == 0, both.stderr + dirs.stderr
+    with open(tmp_path / "a_summary.csv") as a, open(tmp_path / "b_summary.csv") as b:
+        assert a.read() == b.read()
+    twice = subprocess.run([sys.executable, script, str(kept), runs[0], "--csv", str(tmp_path / "c.csv")],
+                           capture_output=True, text=True)
+    assert twice.returncode != 0 and "already read from" in twice.stderr and "Traceback" not in twice.stderr
