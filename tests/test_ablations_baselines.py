@@ -178,6 +178,23 @@ def test_excess_fixup_ablation_keeps_every_state_inside(fixture):
     assert independent_gaussian_kl(e["old_params"], agent.dist_params(e["obs"]).detach()).max() <= e["eps_kl"] * (1 + 1e-5)
 
 
+def test_decoupled_kl_penalty_does_not_push_the_std_up_for_mean_moves():
+    """The ablation's penalty equals the true KL where the std is unchanged; moving only the mean, the true KL's
+    gradient raises log-std (its (mu - mu_old)^2 / 2 sigma^2 term), the decoupled one's is exactly 0."""
+    decoupled = load(os.path.join(ROOT, "ablations", "fixpo_decoupled_kl.py"))
+    torch.manual_seed(0)
+    old = torch.randn(16, 6, dtype=torch.float64)
+    new = old.clone()
+    new[:, :3] += 0.5 * torch.randn(16, 3, dtype=torch.float64)
+    assert torch.allclose(decoupled.decoupled_kl_per_state(old, new), fc.kl_per_state(old, new))
+    grads = []
+    for kl in (fc.kl_per_state, decoupled.decoupled_kl_per_state):
+        p = new.clone().requires_grad_()
+        kl(old, p).sum().backward()
+        grads.append(p.grad[:, 3:])
+    assert (grads[0] < 0).all() and (grads[1] == 0).all()  # gradient descent on the true KL raises log-std
+
+
 # ---- TRPO ----
 
 @pytest.fixture(scope="module")
