@@ -102,6 +102,11 @@ GRIDS = {
     "eps_kl0.5": dict(runs={"fixpo_eps0.5": (FIXPO, ["--eps-kl", "0.5"])}, env_ids=["Swimmer-v5", "Walker2d-v5"],
                       seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed", keep_scalars=True,
                       checkpoint_every=100),
+    # probe for Swimmer-v5: PPO-clip's largest per-state KL per update reaches 0.2-1.1 while FixPO holds it at
+    # eps_kl 0.2; with the radius near PPO-clip's largest moves, does FixPO reach PPO-clip's return there?
+    "eps_kl1.0": dict(runs={"fixpo_eps1.0": (FIXPO, ["--eps-kl", "1.0"])}, env_ids=["Swimmer-v5"],
+                      seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed", keep_scalars=True,
+                      checkpoint_every=100),
     # screen for Swimmer-v5, where FixPO's action std stays near its initial 0.37 while PPO-clip's falls to 0.06-0.20
     # (docs/results.md, section 3): the true KL's mean term (mu - mu_old)^2 / 2 sigma^2 falls as sigma grows, so the
     # penalty on every mean move pushes the std up; ablations/fixpo_decoupled_kl.py penalises the decoupled KL
