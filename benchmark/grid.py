@@ -91,6 +91,11 @@ GRIDS = {
     "cbeta_tail": dict(runs={"fixpo_cbeta5": CBETA["fixpo_cbeta5"]}, env_ids=["Swimmer-v5", "InvertedDoublePendulum-v5"],
                        seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed", keep_scalars=True,
                        checkpoint_every=100),
+    # c_beta 5 won (in the mean) and halved the fixup share on both screen tasks: the same runs on all six tasks,
+    # into the same folder (the screen's 10 runs are kept), to see whether it loses anywhere
+    "cbeta5": dict(out="cbeta_tail", runs={"fixpo_cbeta5": CBETA["fixpo_cbeta5"]}, env_ids=MUJOCO6,
+                   seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed", keep_scalars=True,
+                   checkpoint_every=100),
     # screen for the two tasks where PPO-clip's seed 1 ended above FixPO's (Swimmer-v5, Walker2d-v5): FixPO from
     # PPO-clip's initial std 1.0 (log-std 0) instead of 0.37, more exploration early
     "init_log_std": dict(runs={"fixpo_logstd0": (FIXPO, ["--init-log-std", "0.0"])}, env_ids=["Swimmer-v5", "Walker2d-v5"],
