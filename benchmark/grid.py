@@ -112,6 +112,13 @@ GRIDS = {
     "eps_kl1.0": dict(runs={"fixpo_eps1.0": (FIXPO, ["--eps-kl", "1.0"])}, env_ids=["Swimmer-v5"],
                       seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed", keep_scalars=True,
                       checkpoint_every=100),
+    # probe for Swimmer-v5: FixPO at eps_kl 1.0 moves 5-10x as far per update as PPO-clip and still ends at 40-52 on
+    # four of five seeds, so the radius is not what separates them; FixPO with PPO-clip's batch layout (1 env x 2048
+    # steps, 32 minibatches of 64: 320 gradient steps per update instead of 80) asks whether the skeleton's settings do
+    "swimmer_layout": dict(runs={"fixpo_1env_mb64": (FIXPO, ["--num-envs", "1", "--num-steps", "2048",
+                                                             "--num-minibatches", "32"])},
+                           env_ids=["Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed",
+                           keep_scalars=True, checkpoint_every=100),
     # screen for Swimmer-v5, where FixPO's action std stays near its initial 0.37 while PPO-clip's falls to 0.06-0.20
     # (docs/results.md, section 3): the true KL's mean term (mu - mu_old)^2 / 2 sigma^2 falls as sigma grows, so the
     # penalty on every mean move pushes the std up; ablations/fixpo_decoupled_kl.py penalises the decoupled KL
