@@ -112,7 +112,7 @@ GRIDS = {
     "eps_kl1.0": dict(runs={"fixpo_eps1.0": (FIXPO, ["--eps-kl", "1.0"])}, env_ids=["Swimmer-v5"],
                       seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed", keep_scalars=True,
                       checkpoint_every=100),
-    # probe for Swimmer-v5: FixPO at eps_kl 1.0 moves 5-10x as far per update as PPO-clip and still ends at 40-52 on
+    # probe for Swimmer-v5: FixPO at eps_kl 1.0 moves several times as far per update as PPO-clip, still 40-52 on
     # four of five seeds, so the radius is not what separates them; FixPO with PPO-clip's batch layout (1 env x 2048
     # steps, 32 minibatches of 64: 320 gradient steps per update instead of 80) asks whether the skeleton's settings do
     "swimmer_layout": dict(runs={"fixpo_1env_mb64": (FIXPO, ["--num-envs", "1", "--num-steps", "2048",
