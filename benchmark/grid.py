@@ -119,6 +119,11 @@ GRIDS = {
                                                              "--num-minibatches", "32"])},
                            env_ids=["Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed",
                            keep_scalars=True, checkpoint_every=100),
+    # the swimmer_layout probe changes two things; this one keeps the 8 minibatches of 256 (80 gradient steps per
+    # update, the default's cost) and changes only the rollout: 1 env x 2048 steps instead of 8 x 256
+    "swimmer_1env": dict(runs={"fixpo_1env": (FIXPO, ["--num-envs", "1", "--num-steps", "2048"])},
+                         env_ids=["Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed",
+                         keep_scalars=True, checkpoint_every=100),
     # screen for Swimmer-v5, where FixPO's action std stays near its initial 0.37 while PPO-clip's falls to 0.06-0.20
     # (docs/results.md, section 3): the true KL's mean term (mu - mu_old)^2 / 2 sigma^2 falls as sigma grows, so the
     # penalty on every mean move pushes the std up; ablations/fixpo_decoupled_kl.py penalises the decoupled KL
