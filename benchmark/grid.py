@@ -124,9 +124,10 @@ GRIDS = {
     "swimmer_1env": dict(runs={"fixpo_1env": (FIXPO, ["--num-envs", "1", "--num-steps", "2048"])},
                          env_ids=["Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed",
                          keep_scalars=True, checkpoint_every=100),
-    # the same rollout layout on the two tasks that check it loses nothing elsewhere (Walker2d-v5, Hopper-v5)
+    # the same rollout layout on the tasks that check it loses nothing elsewhere: Walker2d-v5 and Hopper-v5 (their
+    # episodes end at random times), HalfCheetah-v5 (never ends early: 8 envs stay in step, as on Swimmer-v5)
     "layout_1env": dict(runs={"fixpo_1env": (FIXPO, ["--num-envs", "1", "--num-steps", "2048"])},
-                        env_ids=["Walker2d-v5", "Hopper-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
+                        env_ids=["Walker2d-v5", "Hopper-v5", "HalfCheetah-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
                         order="seed", keep_scalars=True, checkpoint_every=100),
     # screen for Swimmer-v5, where FixPO's action std stays near its initial 0.37 while PPO-clip's falls to 0.06-0.20
     # (docs/results.md, section 3): the true KL's mean term (mu - mu_old)^2 / 2 sigma^2 falls as sigma grows, so the
