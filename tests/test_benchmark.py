@@ -349,6 +349,18 @@ def test_binned_means_per_run_and_tag(synthetic):
     assert text.splitlines()[0].startswith("| run | tag | 0k-12k |") and text.endswith("| - |")  # no value after 24576
 
 
+def test_phase_groups_updates_by_the_episode_window_their_rollout_covered():
+    import phase
+
+    # 8 envs x 256 steps, 1,000-step episodes (+1 autoreset step): updates 1-4 begin at 0, 256, 512, 768, update 5
+    # at 1024 mod 1001 = 23; update 1's value 1, update 2's 2, ...
+    assert [phase.window_start(k, 256, 1000) for k in range(1, 6)] == [0, 256, 512, 768, 23]
+    rows = [("r", "Swimmer-v5", "fixpo", "1", "t", k * 2048, 0.0, float(k)) for k in range(1, 6)]
+    rows.append(("r", "Swimmer-v5", "fixpo", "1", "t", 1000, 0.0, 99.0))  # not an update's step: left out
+    assert phase.phase_means(rows, ["t"], 256, 1000, 4, 2048)["t"] == pytest.approx([3.0, 2.0, 3.0, 4.0])  # (1+5)/2
+    assert phase.phase_means(rows, ["t"], 256, 1000, 4, 2048, from_step=2048)["t"][0] == 5.0
+
+
 def test_binned_reads_a_kept_scalars_file_as_its_run_directory(synthetic, tmp_path):
     """grid.py keeps OUT/scalars/*.csv.gz instead of run directories: binned.py reads either, with the same means."""
     import binned
