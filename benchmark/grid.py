@@ -129,6 +129,12 @@ GRIDS = {
     "layout_1env": dict(runs={"fixpo_1env": (FIXPO, ["--num-envs", "1", "--num-steps", "2048"])},
                         env_ids=["Walker2d-v5", "Hopper-v5", "HalfCheetah-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
                         order="seed", keep_scalars=True, checkpoint_every=100),
+    # which part of the 1-env layout matters on Swimmer-v5: with 2 envs x 1024 steps each rollout still covers a
+    # whole episode's time in every env (8 x 256 covers one quarter of it, the 8 envs being in step), with 2
+    # bootstrapped segment ends per batch instead of 1 (8 x 256: 8)
+    "swimmer_2env": dict(runs={"fixpo_2env": (FIXPO, ["--num-envs", "2", "--num-steps", "1024"])},
+                         env_ids=["Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed",
+                         keep_scalars=True, checkpoint_every=100),
     # screen for Swimmer-v5, where FixPO's action std stays near its initial 0.37 while PPO-clip's falls to 0.06-0.20
     # (docs/results.md, section 3): the true KL's mean term (mu - mu_old)^2 / 2 sigma^2 falls as sigma grows, so the
     # penalty on every mean move pushes the std up; ablations/fixpo_decoupled_kl.py penalises the decoupled KL
