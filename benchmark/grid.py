@@ -135,6 +135,11 @@ GRIDS = {
     "swimmer_2env": dict(runs={"fixpo_2env": (FIXPO, ["--num-envs", "2", "--num-steps", "1024"])},
                          env_ids=["Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed",
                          keep_scalars=True, checkpoint_every=100),
+    # the other half of the swimmer_layout probe: the default's 8 envs x 256 steps with minibatches of 64 (32 per
+    # epoch: 320 gradient steps per update, about 3x the default's run time)
+    "swimmer_mb64": dict(runs={"fixpo_mb64": (FIXPO, ["--num-minibatches", "32"])},
+                         env_ids=["Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed",
+                         keep_scalars=True, checkpoint_every=100),
     # screen for Swimmer-v5, where FixPO's action std stays near its initial 0.37 while PPO-clip's falls to 0.06-0.20
     # (docs/results.md, section 3): the true KL's mean term (mu - mu_old)^2 / 2 sigma^2 falls as sigma grows, so the
     # penalty on every mean move pushes the std up; ablations/fixpo_decoupled_kl.py penalises the decoupled KL
