@@ -135,6 +135,12 @@ GRIDS = {
     "swimmer_2env": dict(runs={"fixpo_2env": (FIXPO, ["--num-envs", "2", "--num-steps", "1024"])},
                          env_ids=["Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed",
                          keep_scalars=True, checkpoint_every=100),
+    # screen for the fixup share on long-tailed tasks (docs/results.md, section 3): L_beta on the whole batch's max KL
+    # instead of the minibatch's (ablations/fixpo_batch_beta.py); InvertedDoublePendulum-v5 has the largest share
+    # (8%), Walker2d-v5 is where c_beta 5, the uniform way to aim further inside, lost
+    "batch_beta": dict(runs={"fixpo_batch_beta": ("ablations/fixpo_batch_beta.py", [])},
+                       env_ids=["InvertedDoublePendulum-v5", "Walker2d-v5"], seeds=[1, 2, 3, 4, 5],
+                       total_timesteps=1000000, order="seed", keep_scalars=True, checkpoint_every=100),
     # the other half of the swimmer_layout probe: the default's 8 envs x 256 steps with minibatches of 64 (32 per
     # epoch: 320 gradient steps per update, about 3x the default's run time)
     "swimmer_mb64": dict(runs={"fixpo_mb64": (FIXPO, ["--num-minibatches", "32"])},
