@@ -141,6 +141,12 @@ GRIDS = {
     "batch_beta": dict(runs={"fixpo_batch_beta": ("ablations/fixpo_batch_beta.py", [])},
                        env_ids=["InvertedDoublePendulum-v5", "Walker2d-v5"], seeds=[1, 2, 3, 4, 5],
                        total_timesteps=1000000, order="seed", keep_scalars=True, checkpoint_every=100),
+    # the in-step envs (docs/results.md, section 3): where episodes never end early the 8 envs, reset together, stay in
+    # step all run; ablations/fixpo_staggered_envs.py cuts the first episode of envs 1-7 at a random length. Swimmer-v5
+    # is where one env (no envs in step) gained; HalfCheetah-v5 is the other task whose envs stay in step
+    "staggered_envs": dict(runs={"fixpo_staggered": ("ablations/fixpo_staggered_envs.py", [])},
+                           env_ids=["Swimmer-v5", "HalfCheetah-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000,
+                           order="label", keep_scalars=True, checkpoint_every=100),
     # the other half of the swimmer_layout probe: the default's 8 envs x 256 steps with minibatches of 64 (32 per
     # epoch: 320 gradient steps per update, about 3x the default's run time)
     "swimmer_mb64": dict(runs={"fixpo_mb64": (FIXPO, ["--num-minibatches", "32"])},

@@ -195,6 +195,34 @@ def test_decoupled_kl_penalty_does_not_push_the_std_up_for_mean_moves():
     assert (grads[0] < 0).all() and (grads[1] == 0).all()  # gradient descent on the true KL raises log-std
 
 
+
+def test_staggered_envs_cut_only_the_first_episode_of_envs_after_the_first():
+    """Env 0 keeps its full episodes (so evaluation, which plays env 0, is unchanged); env i > 0 ends its first
+    episode, after a seeded reset, at a seeded random length in [1, 1000], then runs full 1000-step episodes."""
+    staggered = load(os.path.join(ROOT, "ablations", "fixpo_staggered_envs.py"))
+
+    def episode_lengths(env, seed, episodes):
+        lengths, n = [], 0
+        env.reset(seed=seed)
+        while len(lengths) < episodes:
+            n += 1
+            _, _, term, trunc, _ = env.step(env.action_space.sample())
+            if term or trunc:
+                lengths.append(n)
+                n = 0
+                env.reset()
+        return lengths
+
+    assert episode_lengths(staggered.make_env("Swimmer-v5", 0, False, "")(), 7, 2) == [1000, 1000]
+    firsts = []
+    for seed in (7, 8, 9):
+        first, second = episode_lengths(staggered.make_env("Swimmer-v5", 1, False, "")(), seed, 2)
+        assert 1 <= first <= 1000 and second == 1000
+        firsts.append(first)
+    assert len(set(firsts)) == 3  # the seeds spread the envs' phases
+    assert firsts[0] == episode_lengths(staggered.make_env("Swimmer-v5", 1, False, "")(), 7, 1)[0]  # seeded
+
+
 # ---- TRPO ----
 
 @pytest.fixture(scope="module")
