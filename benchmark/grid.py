@@ -141,6 +141,10 @@ GRIDS = {
     "batch_beta": dict(runs={"fixpo_batch_beta": ("ablations/fixpo_batch_beta.py", [])},
                        env_ids=["InvertedDoublePendulum-v5", "Walker2d-v5"], seeds=[1, 2, 3, 4, 5],
                        total_timesteps=1000000, order="seed", keep_scalars=True, checkpoint_every=100),
+    # batch_beta on all six tasks, into the same folder (the screen's 10 runs are kept), to see whether it loses anywhere
+    "batch_beta6": dict(out="batch_beta", runs={"fixpo_batch_beta": ("ablations/fixpo_batch_beta.py", [])},
+                        env_ids=MUJOCO6, seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed",
+                        keep_scalars=True, checkpoint_every=100),
     # the in-step envs (docs/results.md, section 3): where episodes never end early the 8 envs, reset together, stay in
     # step all run; ablations/fixpo_staggered_envs.py cuts the first episode of envs 1-7 at a random length. Swimmer-v5
     # is where one env (no envs in step) gained; HalfCheetah-v5 is the other task whose envs stay in step
