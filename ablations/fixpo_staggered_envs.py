@@ -1,6 +1,6 @@
-"""ABLATION (staggered_envs) of fixpo_continuous.py: envs 1..N-1 cut their first episode after a random number of
-steps. Where episodes never end early (Swimmer, HalfCheetah) the envs, reset together, otherwise stay in step all
-run, every batch holding the same window of episode time. `diff fixpo_continuous.py ablations/fixpo_staggered_envs.py`
+"""ABLATION (staggered_envs) of fixpo_continuous.py: envs 1..N-1 cut their first episode at a random length. Where
+episodes never end early (Swimmer, HalfCheetah) the envs, reset together, otherwise stay in step all run, each
+batch holding one window of episode time. `diff fixpo_continuous.py ablations/fixpo_staggered_envs.py` shows it.
 
 FixPO (Fixup Policy Optimization) for continuous actions: Gymnasium MuJoCo, Gaussian policy.
 

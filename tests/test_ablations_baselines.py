@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,7 +196,6 @@ def test_decoupled_kl_penalty_does_not_push_the_std_up_for_mean_moves():
     assert (grads[0] < 0).all() and (grads[1] == 0).all()  # gradient descent on the true KL raises log-std
 
 
-
 def test_staggered_envs_cut_only_the_first_episode_of_envs_after_the_first():
     """Env 0 keeps its full episodes (so evaluation, which plays env 0, is unchanged); env i > 0 ends its first
     episode, after a seeded reset, at a seeded random length in [1, 1000], then runs full 1000-step episodes."""
@@ -221,6 +221,25 @@ def test_staggered_envs_cut_only_the_first_episode_of_envs_after_the_first():
         firsts.append(first)
     assert len(set(firsts)) == 3  # the seeds spread the envs' phases
     assert firsts[0] == episode_lengths(staggered.make_env("Swimmer-v5", 1, False, "")(), 7, 1)[0]  # seeded
+
+    # through the vector env and its NEXT_STEP autoreset, as training runs it: 20-step episodes, env 0 whole
+    import gymnasium as gym
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make("Swimmer-v5", max_episode_steps=20)]
+        + [lambda: staggered.RandomFirstEpisodeLength(gym.make("Swimmer-v5", max_episode_steps=20))] * 3,
+        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    envs.reset(seed=1)
+    lengths, n = [[] for _ in range(4)], [0] * 4
+    for _ in range(60):
+        _, _, term, trunc, _ = envs.step(envs.action_space.sample())
+        for i in range(4):
+            n[i] += 1
+            if term[i] or trunc[i]:
+                lengths[i].append(n[i])
+                n[i] = -1  # the next step is the autoreset transition
+    expected = [int(np.random.default_rng(1 + i).integers(1, 21)) for i in range(1, 4)]
+    assert lengths[0][:2] == [20, 20] and [x[0] for x in lengths[1:]] == expected
+    assert all(x[1] == 20 for x in lengths[1:])
 
 
 # ---- TRPO ----
