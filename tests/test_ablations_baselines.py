@@ -196,6 +196,33 @@ def test_decoupled_kl_penalty_does_not_push_the_std_up_for_mean_moves():
     assert (grads[0] < 0).all() and (grads[1] == 0).all()  # gradient descent on the true KL raises log-std
 
 
+def beta_step_sizes(path, tmp_path):
+    """How many states each L_beta step of a tiny run saw: Beta.step's scatter_reduce is its only call."""
+    driver = ("import runpy, sys, torch\n"
+              "sizes, orig = [], torch.Tensor.scatter_reduce\n"
+              "def spy(self, dim, index, src, *a, **k):\n"
+              "    sizes.append(len(src))\n"
+              "    return orig(self, dim, index, src, *a, **k)\n"
+              "torch.Tensor.scatter_reduce = spy\n"
+              f"sys.argv = [{path!r}, *{TINY!r}, '--env-id', 'Swimmer-v5']\n"
+              f"try:\n    runpy.run_path({path!r}, run_name='__main__')\n"
+              "finally:\n    print('SIZES', sizes)\n")
+    tmp_path.mkdir()
+    p = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert p.returncode == 0, p.stderr
+    return eval(p.stdout.split("SIZES")[-1])
+
+
+def test_batch_beta_ablation_steps_beta_on_the_whole_batch(tmp_path):
+    """TINY on Swimmer-v5 (no episode ends): 2 updates x 2 epochs x 4 minibatches of 32 of a 128-state batch. The
+    parent's 16 primary L_beta steps see a minibatch; the ablation's see all 128 states (fixup steps: both 128)."""
+    parent = beta_step_sizes(os.path.join(ROOT, "fixpo_continuous.py"), tmp_path / "parent")
+    batch = beta_step_sizes(os.path.join(ROOT, "ablations", "fixpo_batch_beta.py"), tmp_path / "batch")
+    assert parent.count(32) == 16 and set(parent) <= {32, 128}
+    assert 32 not in batch and batch.count(128) >= 16
+
+
 def test_staggered_envs_cut_only_the_first_episode_of_envs_after_the_first():
     """Env 0 keeps its full episodes (so evaluation, which plays env 0, is unchanged); env i > 0 ends its first
     episode, after a seeded reset, at a seeded random length in [1, 1000], then runs full 1000-step episodes."""
