@@ -223,6 +223,32 @@ def test_batch_beta_ablation_steps_beta_on_the_whole_batch(tmp_path):
     assert 32 not in batch and batch.count(128) >= 16
 
 
+def fixup_phase_calls(path, tmp_path):
+    """How many times a tiny run called the fixup phase: with its default fresh Adam, each call builds one Adam,
+    besides the primary phase's optimiser and Beta's (one each per run)."""
+    driver = ("import runpy, sys, torch\n"
+              "count, orig = [0], torch.optim.Adam.__init__\n"
+              "def spy(self, *a, **k):\n"
+              "    count[0] += 1\n"
+              "    orig(self, *a, **k)\n"
+              "torch.optim.Adam.__init__ = spy\n"
+              f"sys.argv = [{path!r}, *{TINY!r}, '--env-id', 'Swimmer-v5']\n"
+              f"try:\n    runpy.run_path({path!r}, run_name='__main__')\n"
+              "finally:\n    print('ADAMS', count[0])\n")
+    tmp_path.mkdir()
+    p = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert p.returncode == 0, p.stderr
+    return int(p.stdout.split("ADAMS")[-1]) - 2
+
+
+def test_fixup_last_epoch_ablation_calls_the_fixup_phase_once_per_update(tmp_path):
+    """TINY: 2 updates x 2 epochs. The parent calls the fixup phase after every epoch (4 calls), the ablation after
+    the last epoch of each update only (2 calls), which is all the guarantee between policy updates needs."""
+    assert fixup_phase_calls(os.path.join(ROOT, "fixpo_continuous.py"), tmp_path / "parent") == 4
+    assert fixup_phase_calls(os.path.join(ROOT, "ablations", "fixpo_fixup_last_epoch.py"), tmp_path / "last") == 2
+
+
 def test_staggered_envs_cut_only_the_first_episode_of_envs_after_the_first():
     """Env 0 keeps its full episodes (so evaluation, which plays env 0, is unchanged); env i > 0 ends its first
     episode, after a seeded reset, at a seeded random length in [1, 1000], then runs full 1000-step episodes."""
