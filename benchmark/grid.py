@@ -162,13 +162,16 @@ GRIDS = {
     "last_epoch": dict(runs={"fixpo_last_epoch": ("ablations/fixpo_fixup_last_epoch.py", [])},
                        env_ids=["InvertedDoublePendulum-v5", "Walker2d-v5"], seeds=[1, 2, 3, 4, 5],
                        total_timesteps=1000000, order="seed", keep_scalars=True, checkpoint_every=100),
-    # ... and on the other four tasks, into the same folder
+    # ... and on all six tasks, into the same folder (the two above are skipped: done)
     "last_epoch6": dict(out="last_epoch", runs={"fixpo_last_epoch": ("ablations/fixpo_fixup_last_epoch.py", [])},
-                        env_ids=["HalfCheetah-v5", "Swimmer-v5", "Hopper-v5", "Reacher-v5"], seeds=[1, 2, 3, 4, 5],
+                        env_ids=MUJOCO6, seeds=[1, 2, 3, 4, 5],
                         total_timesteps=1000000, order="seed", keep_scalars=True, checkpoint_every=100),
     # the default on Walker2d-v5 with seeds 6-10: every screen so far ends lower there than the default's seeds 1-5
-    # (3948 +- 725), so those five are checked against five more (label fixpo, as in the six-task grid)
-    "walker_seeds": dict(runs={"fixpo": (FIXPO, [])}, env_ids=["Walker2d-v5"], seeds=[6, 7, 8, 9, 10],
+    # (3948 +- 725), so those five are checked against five more (label fixpo, as in the six-task grid), beside the
+    # fixup-after-the-last-epoch variant on the same seeds
+    "walker_seeds": dict(runs={"fixpo": (FIXPO, []),
+                               "fixpo_last_epoch": ("ablations/fixpo_fixup_last_epoch.py", [])},
+                         env_ids=["Walker2d-v5"], seeds=[6, 7, 8, 9, 10],
                          total_timesteps=1000000, order="seed", keep_scalars=True, checkpoint_every=100),
     # beta's rate, for the fixup share where it is largest (InvertedDoublePendulum-v5, 8%), with Walker2d-v5 as the task
     # that lost when the primary phase aimed further inside (c_beta 5): beta's Adam at 4x the rate lags the KL less
