@@ -835,7 +835,7 @@ if __name__ == "__main__":
 
     sys.excepthook = on_non_finite
 
-    def leave(code):  # a rank other than 0 ends here: its part is done, rank 0 writes the rest
+    def leave(code):  # a finished rank ends here: rank 0 after saving and evaluating, the others at once
         if tdist.is_initialized():
             tdist.destroy_process_group()
         envs.close()
@@ -1031,5 +1031,7 @@ if __name__ == "__main__":
 
     if args.capture_video:  # AtariVectorEnv cannot render: a game of the final policy in a rendering env, to videos/
         play_games(gym.vector.SyncVectorEnv([make_env(args.env_id, 0, True, run_name)]), agent, 1, args.seed, device=device)
-    envs.close()
     writer.close()
+    if args.track:
+        wandb.finish()  # before leave(): os._exit skips the atexit hooks, wandb's upload among them
+    leave(0)  # rank 0 too: a finished run whose teardown aborts (SIGABRT, seen on a resumed 2-rank run) would exit -6
