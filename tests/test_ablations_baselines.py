@@ -196,22 +196,28 @@ def test_decoupled_kl_penalty_does_not_push_the_std_up_for_mean_moves():
     assert (grads[0] < 0).all() and (grads[1] == 0).all()  # gradient descent on the true KL raises log-std
 
 
-def beta_step_sizes(path, tmp_path):
-    """How many states each L_beta step of a tiny run saw: Beta.step's scatter_reduce is its only call."""
+def spied_run(path, tmp_path, spy):
+    """A tiny Swimmer-v5 run of `path` in a fresh interpreter after `spy`, Python source that patches torch to append
+    what it sees to the list `seen`; returns `seen`."""
     driver = ("import runpy, sys, torch\n"
-              "sizes, orig = [], torch.Tensor.scatter_reduce\n"
-              "def spy(self, dim, index, src, *a, **k):\n"
-              "    sizes.append(len(src))\n"
-              "    return orig(self, dim, index, src, *a, **k)\n"
-              "torch.Tensor.scatter_reduce = spy\n"
+              "seen = []\n" + spy +
               f"sys.argv = [{path!r}, *{TINY!r}, '--env-id', 'Swimmer-v5']\n"
               f"try:\n    runpy.run_path({path!r}, run_name='__main__')\n"
-              "finally:\n    print('SIZES', sizes)\n")
+              "finally:\n    print('SEEN', seen)\n")
     tmp_path.mkdir()
     p = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert p.returncode == 0, p.stderr
-    return eval(p.stdout.split("SIZES")[-1])
+    return eval(p.stdout.split("SEEN")[-1])
+
+
+def beta_step_sizes(path, tmp_path):
+    """How many states each L_beta step of a tiny run saw: Beta.step's scatter_reduce is its only call."""
+    return spied_run(path, tmp_path, "orig = torch.Tensor.scatter_reduce\n"
+                                     "def spy(self, dim, index, src, *a, **k):\n"
+                                     "    seen.append(len(src))\n"
+                                     "    return orig(self, dim, index, src, *a, **k)\n"
+                                     "torch.Tensor.scatter_reduce = spy\n")
 
 
 def test_batch_beta_ablation_steps_beta_on_the_whole_batch(tmp_path):
@@ -226,20 +232,11 @@ def test_batch_beta_ablation_steps_beta_on_the_whole_batch(tmp_path):
 def fixup_phase_calls(path, tmp_path):
     """How many times a tiny run called the fixup phase: with its default fresh Adam, each call builds one Adam,
     besides the primary phase's optimiser and Beta's (one each per run)."""
-    driver = ("import runpy, sys, torch\n"
-              "count, orig = [0], torch.optim.Adam.__init__\n"
-              "def spy(self, *a, **k):\n"
-              "    count[0] += 1\n"
-              "    orig(self, *a, **k)\n"
-              "torch.optim.Adam.__init__ = spy\n"
-              f"sys.argv = [{path!r}, *{TINY!r}, '--env-id', 'Swimmer-v5']\n"
-              f"try:\n    runpy.run_path({path!r}, run_name='__main__')\n"
-              "finally:\n    print('ADAMS', count[0])\n")
-    tmp_path.mkdir()
-    p = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    assert p.returncode == 0, p.stderr
-    return int(p.stdout.split("ADAMS")[-1]) - 2
+    return len(spied_run(path, tmp_path, "orig = torch.optim.Adam.__init__\n"
+                                         "def spy(self, *a, **k):\n"
+                                         "    seen.append(1)\n"
+                                         "    orig(self, *a, **k)\n"
+                                         "torch.optim.Adam.__init__ = spy\n")) - 2
 
 
 def test_fixup_last_epoch_ablation_calls_the_fixup_phase_once_per_update(tmp_path):
