@@ -196,6 +196,17 @@ GRIDS = {
     "no_anneal": dict(runs={"fixpo_no_anneal": (FIXPO, ["--no-anneal-lr"])}, env_ids=["Hopper-v5", "HalfCheetah-v5"],
                       seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed", keep_scalars=True,
                       checkpoint_every=100),
+    # PPO-clip on FixPO's batch layout (8 envs x 256 steps, 8 minibatches of 256: the layout TRPO also uses), so that
+    # the comparison differs in the algorithm only: PPO-clip's own layout (1 env x 2048, minibatches of 64) took FixPO
+    # on Swimmer-v5 from 43 to 99 (swimmer_layout), so the six-task gap there may be the layout's. Swimmer-v5 first, 5 seeds
+    "ppo_layout8": dict(runs={"ppo_8env": (PPO, ["--num-envs", "8", "--num-steps", "256", "--num-minibatches", "8"])},
+                        env_ids=["Swimmer-v5"], seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed",
+                        keep_scalars=True, checkpoint_every=100),
+    # ... then the other five tasks, 3 seeds as the baselines' six-task rows, into the same folder
+    "ppo_layout8_6": dict(out="ppo_layout8", runs={"ppo_8env": (PPO, ["--num-envs", "8", "--num-steps", "256",
+                                                                     "--num-minibatches", "8"])},
+                          env_ids=MUJOCO6, seeds={"ppo_8env": [1, 2, 3]}, total_timesteps=1000000, order="seed",
+                          keep_scalars=True, checkpoint_every=100),
     "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
                         **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
                   env_ids=MUJOCO6, seeds=list(range(1, 11)), total_timesteps=3000000),
