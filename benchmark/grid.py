@@ -196,6 +196,12 @@ GRIDS = {
     "no_anneal": dict(runs={"fixpo_no_anneal": (FIXPO, ["--no-anneal-lr"])}, env_ids=["Hopper-v5", "HalfCheetah-v5"],
                       seeds=[1, 2, 3, 4, 5], total_timesteps=1000000, order="seed", keep_scalars=True,
                       checkpoint_every=100),
+    # how beta follows the KL (docs/results.md, section 3): a multiplicative update, L_beta on log(beta)
+    # (ablations/fixpo_log_beta.py). Screened on Hopper-v5 (a late drop larger than PPO-clip's, with beta at 0 late)
+    # and InvertedDoublePendulum-v5 (the largest fixup share, with beta high and slow to fall)
+    "log_beta": dict(runs={"fixpo_log_beta": ("ablations/fixpo_log_beta.py", [])},
+                     env_ids=["Hopper-v5", "InvertedDoublePendulum-v5"], seeds=[1, 2, 3, 4, 5],
+                     total_timesteps=1000000, order="seed", keep_scalars=True, checkpoint_every=100),
     # PPO-clip on FixPO's batch layout (8 envs x 256 steps, 8 minibatches of 256: the layout TRPO also uses), so that
     # the comparison differs in the algorithm only: PPO-clip's own layout (1 env x 2048, minibatches of 64) took FixPO
     # on Swimmer-v5 from 43 to 99 (swimmer_layout), so the six-task gap there may be the layout's. Swimmer-v5 first, 5 seeds

@@ -94,6 +94,7 @@ ALLOWED_DIFFERENCES = {
     # violation tests and the last resort's acceptance test use the mean
     "fixpo_mean_kl.py": {"fixup_phase", "backtrack_toward_old"},
     "fixpo_excess_fixup.py": {"fixup_phase"},  # its one idea: the fixup step's loss
+    "fixpo_log_beta.py": {"Beta"},  # its one idea: Adam steps log(beta), so beta moves by factors and stays > 0
 }
 
 
@@ -244,6 +245,30 @@ def test_fixup_last_epoch_ablation_calls_the_fixup_phase_once_per_update(tmp_pat
     the last epoch of each update only (2 calls), which is all the guarantee between policy updates needs."""
     assert fixup_phase_calls(os.path.join(ROOT, "fixpo_continuous.py"), tmp_path / "parent") == 4
     assert fixup_phase_calls(os.path.join(ROOT, "ablations", "fixpo_fixup_last_epoch.py"), tmp_path / "last") == 2
+
+
+def test_log_beta_ablation_scales_beta_by_factors_and_keeps_it_positive():
+    """Adam's first step moves its parameter by exactly its rate against the gradient's sign: the parent's beta by
+    -0.1, the ablation's log(beta) by -0.1, so beta by the factor e^-0.1 at any scale. Beta then stops at beta_min,
+    not 0, and a beta restored from a checkpoint (written into .value) is where the next step starts."""
+    lb = load(os.path.join(ROOT, "ablations", "fixpo_log_beta.py"))
+    inside = torch.zeros(8)  # KL 0 at every state: L_beta lowers beta
+    parent = fc.Beta(10.0, 0.1, 0.2, 3.0, 100.0)
+    parent.step(inside)
+    assert float(parent) == pytest.approx(9.9)
+    for start in (10.0, 1.0):
+        beta = lb.Beta(start, 0.1, 0.2, 3.0, 100.0, beta_min=0.01)
+        beta.step(inside)
+        assert float(beta) == pytest.approx(start * np.exp(-0.1), rel=1e-5)
+    for _ in range(100):
+        beta.step(inside)
+    assert float(beta) == pytest.approx(0.01)
+    beta.step(torch.ones(8))  # KL 1 > eps_kl / c_beta: L_beta raises it again
+    assert float(beta) > 0.01
+    resumed = lb.Beta(1.0, 0.1, 0.2, 3.0, 100.0, beta_min=0.01)
+    resumed.value.data.fill_(5.0)
+    resumed.step(inside)
+    assert float(resumed) == pytest.approx(5.0 * np.exp(-0.1), rel=1e-5)
 
 
 def test_staggered_envs_cut_only_the_first_episode_of_envs_after_the_first():
