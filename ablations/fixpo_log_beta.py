@@ -327,7 +327,7 @@ class Beta:
         beta_loss(self.log_value, kl_max, self.eps_kl, self.c_beta).backward()  # ABLATION: L_beta on log(beta)
         self.optimizer.step()
         with torch.no_grad():
-            self.value.copy_(self.log_value.exp())  # ABLATION
+            self.value.copy_(self.log_value.exp())  # ABLATION: beta from the log(beta) Adam just stepped
             for t, old in zip(self.moments(), kept):  # so an absent group keeps its beta_k and its Adam moments
                 t[absent] = old[absent]
             self.value.clamp_(self.beta_min, self.beta_max)  # ABLATION: >= beta_min > 0, not >= 0
