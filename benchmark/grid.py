@@ -213,6 +213,12 @@ GRIDS = {
                                                                      "--num-minibatches", "8"])},
                           env_ids=MUJOCO6, seeds={"ppo_8env": [1, 2, 3]}, total_timesteps=1000000, order="seed",
                           keep_scalars=True, checkpoint_every=100),
+    # the other half of the 2x2 (algorithm x batch layout): FixPO on PPO-clip's layout (1 env x 2048 steps, minibatches
+    # of 64), as swimmer_layout ran it on Swimmer-v5, on the other five tasks; 3 seeds as the baselines' six-task rows
+    "fixpo_ppo_layout": dict(runs={"fixpo_1env_mb64": (FIXPO, ["--num-envs", "1", "--num-steps", "2048",
+                                                               "--num-minibatches", "32"])},
+                             env_ids=[e for e in MUJOCO6 if e != "Swimmer-v5"], seeds=[1, 2, 3],
+                             total_timesteps=1000000, order="seed", keep_scalars=True, checkpoint_every=100),
     "paper": dict(runs={"fixpo": (FIXPO, []), "ppo": (PPO, []), "trpo": (TRPO, []),
                         **{os.path.basename(a)[:-3]: (a, []) for a in ABLATIONS}, **CBETA},
                   env_ids=MUJOCO6, seeds=list(range(1, 11)), total_timesteps=3000000),
