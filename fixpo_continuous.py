@@ -55,7 +55,7 @@ class Args:
     capture_video: bool = False
     """if toggled, record videos of the first env to `videos/{run_name}` (headless: MUJOCO_GL=egl)"""
     save_model: bool = False
-    """if toggled, save agent + normalisation statistics to `runs/{run_name}` and evaluate them"""
+    """if toggled, save agent + observation-normalisation statistics to `runs/{run_name}` and evaluate them"""
     eval_checkpoint: Optional[str] = None
     """path of a saved model (--save-model) or of a run's checkpoint.pt: evaluate it and exit, without training"""
     eval_episodes: int = 10
@@ -77,9 +77,9 @@ class Args:
     num_envs: int = 8
     """the number of parallel environments"""
     num_steps: int = 256
-    """steps per environment per rollout (batch = num_envs * num_steps)"""
+    """steps per environment per rollout (rollout = num_envs * num_steps; the batch D leaves out its autoreset steps)"""
     anneal_lr: bool = True
-    """anneal the learning rate linearly to 0"""
+    """anneal the learning rate linearly towards 0 (the last update runs at learning_rate / num_iterations)"""
     gamma: float = 0.99
     """the discount factor"""
     gae_lambda: float = 0.95
@@ -125,7 +125,7 @@ class Args:
 
     # filled in at runtime
     batch_size: int = 0
-    """the batch size (computed in runtime)"""
+    """num_envs * num_steps, the steps per rollout (computed in runtime)"""
     num_iterations: int = 0
     """the number of policy-improvement steps (computed in runtime)"""
 
@@ -349,7 +349,7 @@ def fixup_phase(agent, obs, old_params, theta_old, beta, eps_kl, minibatch_size,
     the minibatches and take one step on L_KL (no policy-gradient term) on each that violates.
     Termination, bounded: a fresh Adam by default (independent of the primary phase's state; pass
     `optimizer` to share the primary phase's, as the authors do), its rate halved when a pass lowers neither
-    L_KL (the mean KL the steps optimise) nor the excess sum_s max(KL(s) - eps_kl, 0) below the previous pass's
+    L_KL (the whole batch's mean KL) nor the excess sum_s max(KL(s) - eps_kl, 0) below the previous pass's
     (either test alone fails an instance in tests/data/), and after `max_passes` the last resort `backtrack_toward_old`, which always
     succeeds because KL = 0 at theta_old.
     `state_group`: each state's beta index (multi-task beta_k; None: one shared beta); the exit test still covers
@@ -683,7 +683,7 @@ if __name__ == "__main__":
             terms[step] = torch.as_tensor(term, dtype=torch.float32, device=device)
             dones[step] = torch.as_tensor(done, dtype=torch.float32, device=device)
             next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-            next_valid = torch.as_tensor(~done, dtype=torch.float32, device=device)  # next step is an autoreset
+            next_valid = torch.as_tensor(~done, dtype=torch.float32, device=device)  # 0 where done: the next step is an autoreset, left out of D
             if "episode" in infos:
                 for i in np.flatnonzero(infos["_episode"]):
                     recent_returns.append(float(infos["episode"]["r"][i]))

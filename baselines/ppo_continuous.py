@@ -50,7 +50,7 @@ class Args:
     capture_video: bool = False
     """if toggled, record videos of the first env to `videos/{run_name}` (headless: MUJOCO_GL=egl)"""
     save_model: bool = False
-    """if toggled, save agent + normalisation statistics to `runs/{run_name}` and evaluate them"""
+    """if toggled, save agent + observation-normalisation statistics to `runs/{run_name}` and evaluate them"""
     eval_checkpoint: Optional[str] = None
     """path of a saved model (--save-model) or of a run's checkpoint.pt: evaluate it and exit, without training"""
     eval_episodes: int = 10
@@ -72,9 +72,9 @@ class Args:
     num_envs: int = 1
     """the number of parallel environments"""
     num_steps: int = 2048
-    """steps per environment per rollout (batch = num_envs * num_steps)"""
+    """steps per environment per rollout (rollout = num_envs * num_steps; the batch D leaves out its autoreset steps)"""
     anneal_lr: bool = True
-    """anneal the learning rate linearly to 0"""
+    """anneal the learning rate linearly towards 0 (the last update runs at learning_rate / num_iterations)"""
     gamma: float = 0.99
     """the discount factor"""
     gae_lambda: float = 0.95
@@ -105,7 +105,7 @@ class Args:
 
     # filled in at runtime
     batch_size: int = 0
-    """the batch size (computed in runtime)"""
+    """num_envs * num_steps, the steps per rollout (computed in runtime)"""
     minibatch_size: int = 0
     """the minibatch size (computed in runtime)"""
     num_iterations: int = 0
@@ -525,7 +525,7 @@ if __name__ == "__main__":
             terms[step] = torch.as_tensor(term, dtype=torch.float32, device=device)
             dones[step] = torch.as_tensor(done, dtype=torch.float32, device=device)
             next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-            next_valid = torch.as_tensor(~done, dtype=torch.float32, device=device)  # next step is an autoreset
+            next_valid = torch.as_tensor(~done, dtype=torch.float32, device=device)  # 0 where done: the next step is an autoreset, left out of D
             if "episode" in infos:
                 for i in np.flatnonzero(infos["_episode"]):
                     recent_returns.append(float(infos["episode"]["r"][i]))
