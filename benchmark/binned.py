@@ -5,6 +5,9 @@
     python benchmark/binned.py benchmark/results/mujoco/scalars/fixpo__InvertedDoublePendulum-v5__1.csv.gz \
         --tags charts/episodic_return fixpo/beta --bin 100000
 
+With `--last N`, one column instead: each tag's mean over each run's last N steps, and a row of the mean +- sd over
+the runs (a steadier end-of-run figure than the summaries' last 20 episodes where episodes are short, e.g. Reacher-v5's 50 steps).
+
 For reading how a run moved over time (e.g. the policy's KL per update against a baseline's), where a curve
 is too coarse and a single final number too little. A run is a run directory or one of grid.py's kept scalars
 files (OUT/scalars/*.csv.gz, for grids whose run directories are not kept). A tag a run does not log is left out of its rows; a bin
@@ -49,6 +52,32 @@ def binned_means(run_dir, tags, bin_size, until=None):
     return starts, out
 
 
+def last_means(run_dir, tags, n):
+    """{tag: mean of the values logged after the run's last step - n} (NaN where none)."""
+    rows = read_rows(run_dir)
+    end = max((r[5] for r in rows), default=0)
+    out = {}
+    for tag in tags:
+        values = [r[7] for r in rows if r[4] == tag]
+        if values:
+            late = [r[7] for r in rows if r[4] == tag and r[5] > end - n]
+            out[tag] = float(np.mean(late)) if late else float("nan")
+    return out
+
+
+def last_table(run_dirs, tags, n):
+    """A markdown table: run, tag, mean over the run's last n steps; then mean +- sd over the runs, per tag."""
+    results = [(run_name(d), last_means(d, tags, n)) for d in run_dirs]
+    lines = [f"| run | tag | last {n // 1000}k steps |", "|---|---|---|"]
+    for name, means in results:
+        lines += [f"| {name} | {tag} | {v:.4g} |" for tag, v in means.items()]
+    for tag in tags:
+        values = [m[tag] for _, m in results if tag in m and not np.isnan(m[tag])]
+        if len(values) > 1:
+            lines.append(f"| mean +- sd ({len(values)} runs) | {tag} | {np.mean(values):.4g} +- {np.std(values, ddof=1):.2g} |")
+    return "\n".join(lines)
+
+
 def table(run_dirs, tags, bin_size, until=None):
     """A markdown table: run, tag, then one column per bin (as many as the longest run has)."""
     results = [(run_name(d), *binned_means(d, tags, bin_size, until)) for d in run_dirs]
@@ -69,7 +98,8 @@ if __name__ == "__main__":
     parser.add_argument("--tags", nargs="+", required=True, help="TensorBoard scalar tags")
     parser.add_argument("--bin", type=int, default=100000, help="bin width in steps")
     parser.add_argument("--until", type=int, help="last step to cover (default: each run's last)")
+    parser.add_argument("--last", type=int, help="instead of bins: the mean over each run's last N steps")
     cli = parser.parse_args()
-    if cli.bin < 1:
-        sys.exit("error: --bin must be >= 1")
-    print(table(cli.run_dirs, cli.tags, cli.bin, cli.until))
+    if cli.bin < 1 or (cli.last is not None and cli.last < 1):
+        sys.exit("error: --bin and --last must be >= 1")
+    print(last_table(cli.run_dirs, cli.tags, cli.last) if cli.last else table(cli.run_dirs, cli.tags, cli.bin, cli.until))

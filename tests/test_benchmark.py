@@ -349,6 +349,17 @@ def test_binned_means_per_run_and_tag(synthetic):
     assert text.splitlines()[0].startswith("| run | tag | 0k-12k |") and text.endswith("| - |")  # no value after 24576
 
 
+def test_binned_last_means_cover_each_runs_last_steps(synthetic):
+    import binned
+
+    runs = sorted(glob.glob(str(synthetic / "runs" / "Hopper-v4__fixpo__*")))
+    means = binned.last_means(runs[0], ["fixpo/beta", "losses/approx_kl"], 2048 * 3)  # updates 10-12 of 12
+    assert means == {"fixpo/beta": pytest.approx(1.0 + 0.1 * 11)}  # a tag the run lacks is left out
+    text = binned.last_table(runs[:1] * 2, ["fixpo/beta"], 2048 * 3)
+    assert text.splitlines()[0] == "| run | tag | last 6k steps |"
+    assert text.splitlines()[-1] == "| mean +- sd (2 runs) | fixpo/beta | 2.1 +- 0 |"
+
+
 def test_phase_groups_updates_by_the_episode_window_their_rollout_covered():
     import phase
 
