@@ -5,8 +5,8 @@
     python benchmark/binned.py benchmark/results/mujoco/scalars/fixpo__InvertedDoublePendulum-v5__1.csv.gz \
         --tags charts/episodic_return fixpo/beta --bin 100000
 
-With `--last N`, one column instead: each tag's mean over each run's last N steps, and a row of the mean +- sd over
-the runs (a steadier end-of-run figure than the summaries' last 20 episodes where episodes are short, e.g. Reacher-v5's 50 steps).
+With `--last N`, one column instead: each tag's mean over each run's last N steps, and a row of the mean +- sd
+over the runs (steadier than the summaries' last 20 episodes where episodes are short, e.g. Reacher-v5's 50 steps).
 
 For reading how a run moved over time (e.g. the policy's KL per update against a baseline's), where a curve
 is too coarse and a single final number too little. A run is a run directory or one of grid.py's kept scalars
@@ -58,9 +58,9 @@ def last_means(run_dir, tags, n):
     end = max((r[5] for r in rows), default=0)
     out = {}
     for tag in tags:
-        values = [r[7] for r in rows if r[4] == tag]
-        if values:
-            late = [r[7] for r in rows if r[4] == tag and r[5] > end - n]
+        points = [(r[5], r[7]) for r in rows if r[4] == tag]
+        if points:  # end is over every tag, so a tag that stopped logging early gives NaN, not an older mean
+            late = [v for step, v in points if step > end - n]
             out[tag] = float(np.mean(late)) if late else float("nan")
     return out
 
@@ -102,4 +102,6 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     if cli.bin < 1 or (cli.last is not None and cli.last < 1):
         sys.exit("error: --bin and --last must be >= 1")
+    if cli.last and cli.until is not None:
+        sys.exit("error: --last takes each run's own last steps; leave out --until")
     print(last_table(cli.run_dirs, cli.tags, cli.last) if cli.last else table(cli.run_dirs, cli.tags, cli.bin, cli.until))
